@@ -1,0 +1,171 @@
+"""The ``gateway`` command: serve (default), check-config, keys. Nothing runs at import."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from . import config as config_module
+from .auth import hash_key, new_key
+
+COMMANDS = ("serve", "check-config", "keys")
+
+log = logging.getLogger("gateway")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or (args[0] not in COMMANDS and args[0] not in ("-h", "--help", "--version")):
+        args.insert(0, "serve")
+    parser = _parser()
+    ns = parser.parse_args(args)
+    result: int = ns.func(ns)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="An OpenAI-compatible AI API gateway. "
+        "Without a command, runs `serve`: `gateway --config config.toml`.",
+    )
+    parser.add_argument("--version", action="version", version="gateway 0.1.0")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the gateway (the default command)")
+    serve.add_argument(
+        "--config",
+        "-c",
+        default="gateway.toml",
+        metavar="FILE",
+        help="TOML config file (default: gateway.toml)",
+    )
+    serve.add_argument("--host", help="listen address (overrides server.host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(func=_check_config)
+
+    keys = sub.add_parser("keys", help="manage client API keys")
+    keys_sub = keys.add_subparsers(title="key commands", metavar="KEYCOMMAND", required=True)
+    new = keys_sub.add_parser(
+        "new", help="print a new random key (once) and the [[keys]] block for the config"
+    )
+    new.add_argument("--id", default="my-app", help="a name for the key (default: my-app)")
+    new.add_argument(
+        "--models",
+        nargs="*",
+        default=None,
+        metavar="PATTERN",
+        help='models the key may use, e.g. "openai/*" (default: all)',
+    )
+    new.set_defaults(func=_keys_new)
+    return parser
+
+
+def _load(path: str) -> config_module.Config | None:
+    try:
+        return config_module.load(path)
+    except config_module.ConfigError as e:
+        print(f"gateway: invalid config: {e}", file=sys.stderr)
+        return None
+
+
+def _check_config(ns: argparse.Namespace) -> int:
+    config = _load(ns.file)
+    if config is None:
+        return 1
+    active = config.active_providers()
+    models = sum(len(p.models) for p in active)
+    print(f"{ns.file}: OK")
+    print(f"  providers: {len(active)} active of {len(config.providers)}")
+    for p in config.providers:
+        if p not in active:
+            print(f"    {p.name}: disabled, environment variable {p.api_key_env} is not set")
+    print(f"  models: {models}, aliases: {len(config.aliases)}, client keys: {len(config.keys)}")
+    if not config.keys:
+        print("  warning: no [[keys]]: every request will be refused (401)")
+    return 0
+
+
+def _keys_new(ns: argparse.Namespace) -> int:
+    key = new_key()
+    print(f"New API key for '{ns.id}'. It is shown only this once; store it now:\n")
+    print(f"    {key}\n")
+    print("Add this block to the config file and restart (or reload) the gateway:\n")
+    print("[[keys]]")
+    print(f'id = "{ns.id}"')
+    print(f'hash = "{hash_key(key)}"')
+    if ns.models:
+        print("models = [" + ", ".join(f'"{m}"' for m in ns.models) + "]")
+    return 0
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=ns.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = _load(ns.config)
+    if config is None:
+        return 1
+    host = ns.host or config.server.host
+    port = ns.port or config.server.port
+
+    from aiohttp import web
+
+    from .app import build
+
+    loop: asyncio.AbstractEventLoop | None = None
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is optional
+        pass
+
+    app = build(config)
+
+    async def on_startup(app: web.Application) -> None:
+        # Reloading the config is not implemented yet: SIGHUP must not kill the process.
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP,
+            lambda: log.warning("SIGHUP received: config reload is not supported yet"),
+        )
+        log.info(
+            "gateway listening on http://%s:%d (config %s, %d models)",
+            host,
+            port,
+            config.source,
+            len(app_models(config)),
+        )
+
+    app.on_startup.append(on_startup)
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        access_log=None,
+        print=None,
+        shutdown_timeout=config.server.shutdown_timeout,
+        handler_cancellation=True,
+        loop=loop,
+    )
+    log.info("gateway stopped")
+    return 0
+
+
+def app_models(config: config_module.Config) -> list[str]:
+    return [f"{p.name}/{m.id}" for p in config.active_providers() for m in p.models]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

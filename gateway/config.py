@@ -1,0 +1,313 @@
+"""The TOML configuration, read into frozen dataclasses.
+
+Every table is a dataclass below; the loader walks the type hints, so a key that is not a field
+is an error, as is a value of the wrong type. Each error names the table, the key and the
+problem: ``providers[1] (openai).models[0].price_in: expected a number, got "abc"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says where and why."""
+
+
+ProviderKind = Literal["openai", "anthropic", "gemini", "demo"]
+Capability = Literal["chat", "embeddings", "images", "speech", "tools", "vision", "json"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Largest accepted request body; bigger ones get 413 before they are read.
+    max_body_bytes: int = 10 * 1024 * 1024
+    # Upstream timeouts in seconds: connecting, waiting for the response headers and (for
+    # streams) the longest silence between two chunks; non-stream responses must be complete
+    # within request_timeout. Providers may override request_timeout.
+    connect_timeout: float = 10.0
+    request_timeout: float = 60.0
+    # How long SIGTERM waits for in-flight requests before closing them.
+    shutdown_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    id: str
+    # The name the provider knows the model by; defaults to ``id``.
+    upstream: str = ""
+    context_window: int | None = None
+    # The most output tokens the model can produce per request.
+    max_tokens: int | None = None
+    # Prices in USD per million tokens.
+    price_in: float = 0.0
+    price_out: float = 0.0
+    price_cache_read: float | None = None
+    price_cache_write: float | None = None
+    capabilities: tuple[Capability, ...] = ("chat",)
+
+    @property
+    def upstream_name(self) -> str:
+        return self.upstream or self.id
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    kind: ProviderKind
+    base_url: str = ""
+    # The provider's API key, inline (discouraged) or read from an environment variable.
+    api_key: str | None = None
+    api_key_env: str | None = None
+    # When api_key_env names an unset variable the provider is skipped with a warning, so
+    # that one config file can list every provider an installation might use.
+    headers: Mapping[str, str] = field(default_factory=dict)
+    request_timeout: float | None = None
+    models: tuple[ModelConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyConfig:
+    id: str
+    # "sha256:<hex>" of the key; the key itself is never stored.
+    hash: str
+    description: str = ""
+    # Model ids, aliases or glob patterns ("openai/*", "*") this key may use.
+    models: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    providers: tuple[ProviderConfig, ...] = ()
+    # alias -> one model id or an ordered list of model ids (fallbacks in order)
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    keys: tuple[KeyConfig, ...] = ()
+    # Where the file was read from; not a TOML key.
+    source: str = field(default="", metadata={"internal": True})
+
+    def provider_api_key(self, provider: ProviderConfig) -> str | None:
+        """The provider's key, from the file or the environment (read at call time)."""
+        if provider.api_key:
+            return provider.api_key
+        if provider.api_key_env:
+            return os.environ.get(provider.api_key_env) or None
+        return None
+
+    def active_providers(self) -> tuple[ProviderConfig, ...]:
+        """Providers that can be used: those whose key variable, if any, is set."""
+        return tuple(p for p in self.providers if not p.api_key_env or self.provider_api_key(p))
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML config file."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    return loads(raw.decode("utf-8", errors="replace"), source=str(p))
+
+
+def loads(text: str, *, source: str = "<string>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    # aliases may map to one string; normalise before the typed walk
+    aliases = data.get("aliases")
+    if isinstance(aliases, dict):
+        data["aliases"] = {k: [v] if isinstance(v, str) else v for k, v in aliases.items()}
+    config: Config = _build(Config, data, "")
+    config = dataclasses.replace(config, source=source)
+    _check(config)
+    return config
+
+
+# --- typed walk ---------------------------------------------------------------------------
+
+
+def _where(path: str) -> str:
+    return path or "top level"
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"' if len(value) < 40 else "a string"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value)
+
+
+def _build(cls: type[Any], table: object, path: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{_where(path)}: expected a table, got {_describe(table)}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = [k for k in table if k not in fields]
+    if unknown:
+        allowed = ", ".join(fields)
+        raise ConfigError(f"{_where(path)}: unknown key '{unknown[0]}' (allowed: {allowed})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key_path = f"{path}.{name}" if path else name
+        if name in table:
+            kwargs[name] = _convert(table[name], hints[name], key_path, table)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_where(path)}: missing required key '{name}'")
+    return cls(**kwargs)
+
+
+def _convert(value: object, tp: Any, path: str, parent: Mapping[str, Any]) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return _convert(value, args[0], path, parent)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            options = ", ".join(f'"{c}"' for c in choices)
+            raise ConfigError(f"{path}: {_describe(value)} is not one of {options}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected an array, got {_describe(value)}")
+        item_tp = get_args(tp)[0]
+        return tuple(
+            _convert(v, item_tp, f"{path}[{i}]{_label(v)}", parent) for i, v in enumerate(value)
+        )
+    if origin in (Mapping, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a table, got {_describe(value)}")
+        val_tp = get_args(tp)[1]
+        return {str(k): _convert(v, val_tp, f'{path}."{k}"', parent) for k, v in value.items()}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # pragma: no cover
+
+
+def _label(item: object) -> str:
+    """' (openai)' for a table with a name or id, so that errors say which entry."""
+    if isinstance(item, dict):
+        name = item.get("name", item.get("id"))
+        if isinstance(name, str):
+            return f" ({name})"
+    return ""
+
+
+# --- cross-field checks ---------------------------------------------------------------------
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*(/[A-Za-z0-9._:@+-]+)*$")
+_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def _check(config: Config) -> None:
+    s = config.server
+    if not 0 < s.port < 65536:
+        raise ConfigError(f"server.port: {s.port} is not a TCP port (1-65535)")
+    for name in ("max_body_bytes",):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"server.{name}: must be greater than 0")
+    for name in ("connect_timeout", "request_timeout", "shutdown_timeout"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"server.{name}: must be greater than 0 seconds")
+
+    seen_providers: set[str] = set()
+    model_ids: set[str] = set()
+    for i, p in enumerate(config.providers):
+        where = f"providers[{i}] ({p.name})"
+        if not _NAME.match(p.name):
+            raise ConfigError(
+                f"{where}.name: '{p.name}' may use only letters, digits, '.', '_' and '-'"
+            )
+        if p.name in seen_providers:
+            raise ConfigError(f"{where}.name: provider '{p.name}' is declared twice")
+        seen_providers.add(p.name)
+        if p.kind != "demo" and not re.match(r"^https?://[^/\s]+", p.base_url):
+            raise ConfigError(
+                f"{where}.base_url: {p.kind} providers need an http:// or https:// URL"
+            )
+        if p.api_key and p.api_key_env:
+            raise ConfigError(f"{where}: set api_key or api_key_env, not both")
+        if p.request_timeout is not None and p.request_timeout <= 0:
+            raise ConfigError(f"{where}.request_timeout: must be greater than 0 seconds")
+        if not p.models:
+            raise ConfigError(f"{where}.models: a provider needs at least one model")
+        seen_models: set[str] = set()
+        for j, m in enumerate(p.models):
+            mwhere = f"{where}.models[{j}] ({m.id})"
+            if not _MODEL_ID.match(m.id):
+                raise ConfigError(f"{mwhere}.id: '{m.id}' is not a valid model id")
+            if m.id in seen_models:
+                raise ConfigError(f"{mwhere}.id: model '{m.id}' is declared twice")
+            seen_models.add(m.id)
+            model_ids.add(f"{p.name}/{m.id}")
+            for name in ("price_in", "price_out", "price_cache_read", "price_cache_write"):
+                v = getattr(m, name)
+                if v is not None and v < 0:
+                    raise ConfigError(f"{mwhere}.{name}: a price cannot be negative")
+            for name in ("context_window", "max_tokens"):
+                v = getattr(m, name)
+                if v is not None and v <= 0:
+                    raise ConfigError(f"{mwhere}.{name}: must be greater than 0")
+
+    for alias, targets in config.aliases.items():
+        if alias in model_ids:
+            raise ConfigError(f'aliases."{alias}": hides the model of the same id')
+        if not targets:
+            raise ConfigError(f'aliases."{alias}": needs at least one model id')
+        for t in targets:
+            if t not in model_ids:
+                raise ConfigError(
+                    f'aliases."{alias}": "{t}" is not a configured model '
+                    '(use provider/model, e.g. "openai/gpt-4o")'
+                )
+
+    seen_keys: set[str] = set()
+    seen_hashes: set[str] = set()
+    for i, k in enumerate(config.keys):
+        where = f"keys[{i}] ({k.id})"
+        if not _NAME.match(k.id):
+            raise ConfigError(f"{where}.id: '{k.id}' may use only letters, digits, '.', '_', '-'")
+        if k.id in seen_keys:
+            raise ConfigError(f"{where}.id: key id '{k.id}' is declared twice")
+        seen_keys.add(k.id)
+        if not _KEY_HASH.match(k.hash):
+            raise ConfigError(
+                f'{where}.hash: expected "sha256:<64 hex digits>" '
+                "(run `gateway keys new` to make one)"
+            )
+        if k.hash in seen_hashes:
+            raise ConfigError(f"{where}.hash: the same key hash is used by two keys")
+        seen_hashes.add(k.hash)

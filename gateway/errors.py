@@ -1,0 +1,189 @@
+"""Every error the gateway returns, as one hierarchy rendered in OpenAI's error envelope.
+
+The envelope is ``{"error": {"message", "type", "param", "code"}}``
+(https://platform.openai.com/docs/guides/error-codes). The status code decides which exception
+class the OpenAI SDKs raise and whether they retry (408, 409, 429 and 5xx are retried).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+
+
+class GatewayError(Exception):
+    """An error with an HTTP status that the client sees as an OpenAI error envelope."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def envelope(self) -> dict[str, dict[str, str | None]]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.envelope())
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidAPIKey(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class QuotaExceeded(GatewayError):
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class UpstreamError(GatewayError):
+    """The upstream failed or answered with a server error."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "server_error"
+    code = "timeout"
+
+
+# An upstream error status is passed to the client unchanged when the OpenAI SDKs know it;
+# anything else becomes a 502 so that clients never see an undocumented status.
+_PASSED_THROUGH = frozenset({400, 401, 403, 404, 409, 413, 422, 429, 500, 502, 503, 504})
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def from_upstream(
+    status: int,
+    message: str,
+    *,
+    provider: str,
+    type_: str | None = None,
+    code: str | None = None,
+    param: str | None = None,
+    retry_after: str | None = None,
+) -> GatewayError:
+    """An error built from an upstream's error response.
+
+    The upstream's own 401/403 means *our* provider credentials are wrong, which is the
+    operator's problem, not the client's: the client gets a 502 that says so, never a hint
+    that its own key was refused.
+    """
+    if status in (401, 403):
+        return UpstreamError(
+            f"provider '{provider}' rejected the gateway's credentials (HTTP {status})",
+            code="upstream_auth_failed",
+        )
+    if status == 529:  # Anthropic: overloaded
+        status = 503
+    if status >= 500:
+        cls: type[GatewayError] = {503: ServiceUnavailable, 504: UpstreamTimeout}.get(
+            status, UpstreamError
+        )
+        err = cls(message or f"provider '{provider}' failed (HTTP {status})", code=code)
+        if status not in _PASSED_THROUGH or status == 500:
+            err.status = 502
+        if retry_after:
+            err.headers["Retry-After"] = retry_after
+        return err
+    if status not in _PASSED_THROUGH:
+        status = 400
+    err = GatewayError(message or f"provider '{provider}' refused the request", param=param)
+    err.status = status
+    err.type = type_ or _TYPE_BY_STATUS.get(status, "invalid_request_error")
+    err.code = code if code is not None else ("rate_limit_exceeded" if status == 429 else None)
+    if retry_after:
+        err.headers["Retry-After"] = retry_after
+    return err

@@ -1,0 +1,1 @@
+"""Typed shapes of each provider's wire format, one module per schema."""

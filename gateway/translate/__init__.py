@@ -1,0 +1,6 @@
+"""Translators between the OpenAI wire format and each upstream's format.
+
+Importing the package registers every translator module.
+"""
+
+from . import openai_openai  # noqa: F401  (registers the pass-through translators)

@@ -1,0 +1,95 @@
+"""The translator interface and the registry of translators by (provider kind, endpoint).
+
+A translator is a fresh object per request. It turns the client's OpenAI request into the
+upstream's request, and the upstream's response (whole body or stream chunks) back into
+OpenAI's wire format, keeping whatever stream state it needs and the usage it saw.
+Upstream authentication is not its business (see ``upstream.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
+
+from ..errors import GatewayError
+
+if TYPE_CHECKING:
+    from ..router import Deployment
+    from ..schema.openai import JSONObject
+
+Endpoint = Literal["chat", "embeddings", "images", "speech"]
+
+
+class UpstreamCall(NamedTuple):
+    """What to send: a path under the provider's base URL and a JSON body."""
+
+    path: str
+    body: bytes
+    stream: bool  # the upstream answers with server-sent events
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts of one request in one model for every provider.
+
+    ``prompt_tokens`` counts every input token, including cache reads and writes;
+    ``completion_tokens`` every output token, including reasoning.
+    """
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # input tokens read from a prompt cache
+    cache_write_tokens: int = 0  # input tokens written to a prompt cache
+    reasoning_tokens: int = 0
+    reported: bool = False  # the upstream reported these numbers (else they are estimates)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Translator(Protocol):
+    usage: Usage
+    # True once a stream reached its proper end (OpenAI's [DONE], Anthropic's message_stop...)
+    complete: bool
+
+    def request(self, body: JSONObject) -> UpstreamCall: ...
+
+    def response_body(self, raw: bytes) -> bytes: ...
+
+    def response_chunk(self, chunk: bytes) -> bytes: ...
+
+    def response_end(self) -> bytes: ...
+
+    def response_error(
+        self, status: int, raw: bytes, headers: Mapping[str, str]
+    ) -> GatewayError: ...
+
+
+TranslatorFactory = Callable[["Deployment", str], Translator]
+
+_REGISTRY: dict[tuple[str, str], TranslatorFactory] = {}
+
+
+def register(kind: str, endpoint: Endpoint) -> Callable[[TranslatorFactory], TranslatorFactory]:
+    def add(factory: TranslatorFactory) -> TranslatorFactory:
+        _REGISTRY[(kind, endpoint)] = factory
+        return factory
+
+    return add
+
+
+def translator_for(deployment: Deployment, endpoint: Endpoint, requested: str) -> Translator:
+    """A fresh translator for one request to `deployment`, answering as model `requested`."""
+    factory = _REGISTRY.get((deployment.provider.kind, endpoint))
+    if factory is None:
+        from ..errors import InvalidRequest
+
+        raise InvalidRequest(
+            f"Provider '{deployment.provider.name}' ({deployment.provider.kind}) "
+            f"does not offer the {endpoint} endpoint.",
+            param="model",
+            code="model_not_supported",
+        )
+    return factory(deployment, requested)

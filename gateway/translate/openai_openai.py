@@ -1,0 +1,204 @@
+"""OpenAI wire format to an OpenAI-compatible upstream: pass-through that patches only what it must.
+
+Request bodies keep every field the client sent; the gateway sets ``model`` to the upstream's
+name and, for streams, asks for ``stream_options.include_usage`` so that it can count tokens.
+Responses get the client's model id back in ``model``; the usage chunk the gateway asked for is
+dropped unless the client asked for it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import orjson
+
+from ..errors import GatewayError, UpstreamError, from_upstream
+from .base import UpstreamCall, Usage, register
+from .sse import DONE, Event, SSEParser, encode
+
+if TYPE_CHECKING:
+    from ..router import Deployment
+    from ..schema.openai import JSONObject
+
+
+class _PassThrough:
+    """State and helpers every OpenAI-compatible translator shares."""
+
+    path = ""
+
+    def __init__(self, deployment: Deployment, requested: str) -> None:
+        self.upstream_model = deployment.upstream_model
+        self.provider = deployment.provider.name
+        self.requested = requested
+        self.usage = Usage()
+        self.complete = False
+
+    def request(self, body: JSONObject) -> UpstreamCall:
+        body = dict(body)
+        body["model"] = self.upstream_model
+        return UpstreamCall(self.path, orjson.dumps(body), False)
+
+    def response_body(self, raw: bytes) -> bytes:
+        obj = _load_object(raw, self.provider)
+        take_openai_usage(self.usage, obj.get("usage"))
+        obj["model"] = self.requested
+        return orjson.dumps(obj)
+
+    def response_chunk(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def response_end(self) -> bytes:
+        self.complete = True
+        return b""
+
+    def response_error(self, status: int, raw: bytes, headers: Mapping[str, str]) -> GatewayError:
+        return openai_error(status, raw, headers, self.provider)
+
+
+@register("openai", "chat")
+@register("demo", "chat")
+class OpenAIChat(_PassThrough):
+    path = "/chat/completions"
+
+    def __init__(self, deployment: Deployment, requested: str) -> None:
+        super().__init__(deployment, requested)
+        self.client_wants_usage = False
+        self._sse = SSEParser()
+
+    def request(self, body: JSONObject) -> UpstreamCall:
+        body = dict(body)
+        body["model"] = self.upstream_model
+        if body.get("stream") is not True:
+            return UpstreamCall(self.path, orjson.dumps(body), False)
+        options = body.get("stream_options")
+        options = dict(options) if isinstance(options, dict) else {}
+        self.client_wants_usage = options.get("include_usage") is True
+        if not self.client_wants_usage:
+            options["include_usage"] = True
+            body["stream_options"] = options
+        return UpstreamCall(self.path, orjson.dumps(body), True)
+
+    def response_chunk(self, chunk: bytes) -> bytes:
+        events = self._sse.feed(chunk)
+        if len(events) == 1:
+            return self._event(events[0])
+        return b"".join([self._event(e) for e in events])
+
+    def response_end(self) -> bytes:
+        out = b"".join([self._event(e) for e in self._sse.close()])
+        if not self.complete:
+            raise UpstreamError(
+                f"provider '{self.provider}' ended the stream before it was complete",
+                code="upstream_stream_incomplete",
+            )
+        return out
+
+    def _event(self, event: Event) -> bytes:
+        data = event.data
+        if data == b"[DONE]":
+            self.complete = True
+            return DONE
+        obj = _load_object(data, self.provider)
+        if "error" in obj:  # an upstream error event: the stream is over
+            raise openai_error(500, data, {}, self.provider)
+        usage = obj.get("usage")
+        if usage:
+            take_openai_usage(self.usage, usage)
+        if not self.client_wants_usage:
+            if usage and not obj.get("choices"):
+                return b""  # the usage chunk the gateway asked for
+            obj.pop("usage", None)
+        obj["model"] = self.requested
+        return encode(orjson.dumps(obj))
+
+
+@register("openai", "embeddings")
+@register("demo", "embeddings")
+class OpenAIEmbeddings(_PassThrough):
+    path = "/embeddings"
+
+
+@register("openai", "images")
+@register("demo", "images")
+class OpenAIImages(_PassThrough):
+    path = "/images/generations"
+
+    def response_body(self, raw: bytes) -> bytes:
+        # Image responses can be megabytes of base64 and carry no model field: pass them as is.
+        return raw
+
+
+@register("openai", "speech")
+@register("demo", "speech")
+class OpenAISpeech(_PassThrough):
+    """Audio bytes are streamed to the client as they arrive."""
+
+    path = "/audio/speech"
+
+    def request(self, body: JSONObject) -> UpstreamCall:
+        body = dict(body)
+        body["model"] = self.upstream_model
+        return UpstreamCall(self.path, orjson.dumps(body), True)
+
+
+def _load_object(raw: bytes, provider: str) -> JSONObject:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise UpstreamError(
+            f"provider '{provider}' sent a response that is not a JSON object",
+            code="upstream_invalid_response",
+        )
+    return obj
+
+
+def take_openai_usage(usage: Usage, reported: object) -> None:
+    """Copy an OpenAI ``CompletionUsage`` (or embeddings usage) into `usage`."""
+    if not isinstance(reported, dict):
+        return
+    usage.prompt_tokens = _int(reported.get("prompt_tokens"))
+    usage.completion_tokens = _int(reported.get("completion_tokens"))
+    prompt_details = reported.get("prompt_tokens_details")
+    if isinstance(prompt_details, dict):
+        usage.cached_tokens = _int(prompt_details.get("cached_tokens"))
+    completion_details = reported.get("completion_tokens_details")
+    if isinstance(completion_details, dict):
+        usage.reasoning_tokens = _int(completion_details.get("reasoning_tokens"))
+    usage.reported = True
+
+
+def _int(v: object) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def openai_error(
+    status: int, raw: bytes, headers: Mapping[str, str], provider: str
+) -> GatewayError:
+    """An OpenAI-format error body (``{"error": {...}}``) from an upstream, as our error."""
+    message, type_, code, param = "", None, None, None
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        obj = None
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(err, dict):
+        m = err.get("message")
+        message = m if isinstance(m, str) else ""
+        type_ = err.get("type") if isinstance(err.get("type"), str) else None
+        c = err.get("code")
+        code = c if isinstance(c, str) else (str(c) if isinstance(c, int) else None)
+        param = err.get("param") if isinstance(err.get("param"), str) else None
+    elif isinstance(err, str):
+        message = err
+    return from_upstream(
+        status,
+        message,
+        provider=provider,
+        type_=type_,
+        code=code,
+        param=param,
+        retry_after=headers.get("Retry-After"),
+    )

@@ -1,0 +1,123 @@
+"""The `gateway` command as an operator runs it: a real process, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+from gateway.auth import hash_key
+
+ROOT = Path(__file__).parent.parent
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_help_lists_commands() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for word in ("serve", "check-config", "keys"):
+        assert word in result.stdout
+    serve = run("serve", "--help")
+    assert "--config" in serve.stdout and "--port" in serve.stdout
+
+
+def test_check_config_ok_and_broken(tmp_path: Path) -> None:
+    ok = run("check-config", "config.example.toml")
+    assert ok.returncode == 0, ok.stderr
+    assert "OK" in ok.stdout
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[server]\nport = 8080\nhots = "x"\n')
+    bad = run("check-config", str(broken))
+    assert bad.returncode == 1
+    assert "server: unknown key 'hots'" in bad.stderr
+    missing = run("check-config", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 1
+    assert "cannot read" in missing.stderr
+
+
+def test_keys_new_prints_a_key_and_a_block_with_its_hash() -> None:
+    result = run("keys", "new", "--id", "billing-app", "--models", "openai/*")
+    assert result.returncode == 0
+    key = next(w for w in result.stdout.split() if w.startswith("gw-"))
+    assert len(key) > 40
+    block = result.stdout[result.stdout.index("[[keys]]") :]
+    parsed = tomllib.loads(block)["keys"][0]
+    assert parsed == {"id": "billing-app", "hash": hash_key(key), "models": ["openai/*"]}
+    again = run("keys", "new")
+    assert key not in again.stdout
+
+
+def wait_ready(port: int, proc: subprocess.Popen[str], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("gateway did not start")
+
+
+def test_serve_example_then_sighup_survives_and_sigterm_exits_cleanly() -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "MISTRAL_API_KEY")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--config", "config.example.toml", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_ready(port, proc)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/models",
+            headers={"Authorization": "Bearer gw-demo-not-a-secret"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert resp.status == 200
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        assert proc.poll() is None  # SIGHUP must not kill the process
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert resp.status == 200
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "gateway listening on" in stderr
+    assert "gateway-demo-not-a-secret" not in stderr and "gw-demo-not-a-secret" not in stderr
+
+
+def test_serve_refuses_a_broken_config(tmp_path: Path) -> None:
+    broken = tmp_path / "g.toml"
+    broken.write_text("[[providers]]\nname = 'x'\n")
+    result = run("--config", str(broken))
+    assert result.returncode == 1
+    assert "providers[0] (x): missing required key 'kind'" in result.stderr
