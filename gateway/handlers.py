@@ -19,7 +19,7 @@ from .catalog import model_list, model_object
 from .errors import GatewayError, ModelNotFound, UnsupportedMediaType
 from .exchange import EXCHANGE, Exchange
 from .runtime import RUNTIME, Runtime
-from .translate.base import Endpoint, Translator, translator_for
+from .translate.base import Endpoint, StreamInterrupted, Translator, translator_for
 from .translate.sse import encode
 
 if TYPE_CHECKING:
@@ -138,11 +138,15 @@ async def pipe(
         out = translator.response_end()
         if out:
             await response.write(out)
-    except GatewayError as e:
-        exchange.fail(e)
+    except (GatewayError, StreamInterrupted) as e:
+        partial, error = (e.partial, e.error) if isinstance(e, StreamInterrupted) else (b"", e)
+        exchange.fail(error)
         if not sse:
-            raise  # nothing can be said inside an audio body: the connection is cut
-        await response.write(encode(e.body()))
+            # nothing can be said inside an audio body: cut the connection
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write(partial + encode(error.body()))
     except ConnectionResetError:
         exchange.client_closed = True
         return response

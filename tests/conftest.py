@@ -11,13 +11,25 @@ from gateway import config as config_module
 from gateway.app import build
 from gateway.auth import hash_key, new_key
 
-from .fakes.openai_upstream import UPSTREAM_KEY, FakeOpenAI
+from .fakes.anthropic_upstream import FakeAnthropic
+from .fakes.base import UPSTREAM_KEY, FakeUpstream
+from .fakes.openai_upstream import FakeOpenAI
 
 CLIENT_KEY = new_key()
 DEMO_ONLY_KEY = new_key()
 
 
-def gateway_toml(openai_url: str, extra: str = "", server: str = "request_timeout = 5") -> str:
+@dataclass
+class Fakes:
+    openai: FakeOpenAI
+    anthropic: FakeAnthropic
+    urls: dict[str, str]
+
+    def all(self) -> list[FakeUpstream]:
+        return [self.openai, self.anthropic]
+
+
+def gateway_toml(urls: dict[str, str], extra: str = "", server: str = "request_timeout = 5") -> str:
     return f"""
 [server]
 {server}
@@ -25,13 +37,23 @@ def gateway_toml(openai_url: str, extra: str = "", server: str = "request_timeou
 [[providers]]
 name = "openai"
 kind = "openai"
-base_url = "{openai_url}/v1"
+base_url = "{urls["openai"]}/v1"
 api_key = "{UPSTREAM_KEY}"
 models = [
   {{ id = "gpt-4o", upstream = "gpt-4o-2024-08-06", context_window = 128000, max_tokens = 16384, price_in = 2.5, price_out = 10.0, capabilities = ["chat", "tools", "vision", "json"] }},
   {{ id = "text-embedding-3-small", context_window = 8191, price_in = 0.02, capabilities = ["embeddings"] }},
   {{ id = "gpt-image-1", capabilities = ["images"] }},
   {{ id = "tts-1", capabilities = ["speech"] }},
+]
+
+[[providers]]
+name = "anthropic"
+kind = "anthropic"
+base_url = "{urls["anthropic"]}/v1"
+api_key = "{UPSTREAM_KEY}"
+models = [
+  {{ id = "claude-haiku", upstream = "claude-haiku-4-5", context_window = 200000, max_tokens = 1024, price_in = 1.0, price_out = 5.0, capabilities = ["chat", "tools", "vision", "json"] }},
+  {{ id = "claude-sonnet", upstream = "claude-sonnet-4-5", context_window = 200000, capabilities = ["chat", "tools", "vision", "json"] }},
 ]
 
 [[providers]]
@@ -60,8 +82,16 @@ models = ["demo/*"]
 @dataclass
 class Gateway:
     server: TestServer
-    fake: FakeOpenAI
+    fakes: Fakes
     clients: list[openai.OpenAI | openai.AsyncOpenAI] = field(default_factory=list)
+
+    @property
+    def fake(self) -> FakeOpenAI:
+        return self.fakes.openai
+
+    @property
+    def anthropic(self) -> FakeAnthropic:
+        return self.fakes.anthropic
 
     @property
     def url(self) -> str:
@@ -96,17 +126,21 @@ MakeGateway = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture
-async def fake_openai(aiohttp_server) -> tuple[FakeOpenAI, TestServer]:  # type: ignore[no-untyped-def]
-    fake = FakeOpenAI()
-    server = await aiohttp_server(fake.app())
-    return fake, server
+async def fakes(aiohttp_server) -> AsyncIterator[Fakes]:  # type: ignore[no-untyped-def]
+    openai_fake, anthropic_fake = FakeOpenAI(), FakeAnthropic()
+    urls = {}
+    for name, fake in (("openai", openai_fake), ("anthropic", anthropic_fake)):
+        server = await aiohttp_server(fake.app())
+        urls[name] = str(server.make_url("")).rstrip("/")
+    found = Fakes(openai_fake, anthropic_fake, urls)
+    yield found
+    # every request the gateway sent must have been valid for its provider
+    for fake in found.all():
+        assert fake.violations == [], fake.violations
 
 
 @pytest.fixture
-async def make_gateway(aiohttp_server, fake_openai) -> AsyncIterator[MakeGateway]:  # type: ignore[no-untyped-def]
-    fake, fake_server = fake_openai
-    fake_url = str(fake_server.make_url("")).rstrip("/")
-
+async def make_gateway(aiohttp_server, fakes: Fakes) -> AsyncIterator[MakeGateway]:  # type: ignore[no-untyped-def]
     made: list[Gateway] = []
 
     async def make(
@@ -115,11 +149,14 @@ async def make_gateway(aiohttp_server, fake_openai) -> AsyncIterator[MakeGateway
         toml: str | None = None,
         openai_url: str | None = None,
     ) -> Gateway:
-        """A gateway in front of the fake upstream; `server` holds [server] lines."""
-        text = toml if toml is not None else gateway_toml(openai_url or fake_url, extra, server)
+        """A gateway in front of the fake upstreams; `server` holds [server] lines."""
+        urls = dict(fakes.urls)
+        if openai_url:
+            urls["openai"] = openai_url
+        text = toml if toml is not None else gateway_toml(urls, extra, server)
         config = config_module.loads(text)
-        server = await aiohttp_server(build(config))
-        made.append(Gateway(server, fake))
+        app_server = await aiohttp_server(build(config))
+        made.append(Gateway(app_server, fakes))
         return made[-1]
 
     yield make

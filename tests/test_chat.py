@@ -9,7 +9,8 @@ import aiohttp
 import openai
 
 from .conftest import CLIENT_KEY, Gateway
-from .fakes.openai_upstream import UPSTREAM_KEY, fixture_bytes, recorded_completions, sse_events
+from .fakes.base import UPSTREAM_KEY, fixture_bytes, sse_events
+from .fakes.openai_upstream import recorded_completions
 
 MESSAGES = [{"role": "user", "content": "What's the weather like in SF?"}]
 

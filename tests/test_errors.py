@@ -330,7 +330,7 @@ async def test_stream_upstream_error_before_start_is_plain_error(gateway: Gatewa
 
 
 async def test_errors_never_leak_the_upstream_key(gateway: Gateway) -> None:
-    from .fakes.openai_upstream import UPSTREAM_KEY
+    from .fakes.base import UPSTREAM_KEY
 
     gateway.fake.next_json(500, {"error": {"message": "internal", "type": "server_error"}})
     _, body, headers = await post(

@@ -25,6 +25,8 @@ async def test_sdk_lists_models_with_extra_fields(gateway: Gateway) -> None:
         "openai/text-embedding-3-small",
         "openai/gpt-image-1",
         "openai/tts-1",
+        "anthropic/claude-haiku",
+        "anthropic/claude-sonnet",
         "demo/echo",
         "demo/embed",
         "gpt-4",
@@ -54,12 +56,24 @@ async def test_key_sees_only_its_models(gateway: Gateway) -> None:
     [
         ("provider=demo", ["demo/echo", "demo/embed"]),
         ("capability=embeddings", ["openai/text-embedding-3-small", "demo/embed"]),
-        ("min_context=10000", ["openai/gpt-4o", "gpt-4"]),
+        (
+            "min_context=10000",
+            ["openai/gpt-4o", "anthropic/claude-haiku", "anthropic/claude-sonnet", "gpt-4"],
+        ),
         (
             "max_price_in=0.5",
-            ["openai/text-embedding-3-small", "openai/gpt-image-1", "openai/tts-1", "demo/embed"],
+            [
+                "openai/text-embedding-3-small",
+                "openai/gpt-image-1",
+                "openai/tts-1",
+                "anthropic/claude-sonnet",
+                "demo/embed",
+            ],
         ),
-        ("capability=chat&max_price_in=1", ["demo/echo"]),
+        (
+            "capability=chat&max_price_in=1",
+            ["anthropic/claude-haiku", "anthropic/claude-sonnet", "demo/echo"],
+        ),
     ],
 )
 async def test_filters(gateway: Gateway, query: str, expected: list[str]) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 from ..errors import GatewayError
+from .sse import Event
 
 if TYPE_CHECKING:
     from ..router import Deployment
@@ -65,6 +66,32 @@ class Translator(Protocol):
     def response_error(
         self, status: int, raw: bytes, headers: Mapping[str, str]
     ) -> GatewayError: ...
+
+
+class StreamInterrupted(Exception):
+    """A stream failed part-way through a chunk: `partial` was translated before `error`."""
+
+    def __init__(self, partial: bytes, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.partial = partial
+        self.error = error
+
+
+def translate_events(events: list[Event], convert: Callable[[Event], bytes]) -> bytes:
+    """The translation of each event, joined; stops at the first failing event without losing
+    what the events before it produced."""
+    if len(events) == 1:
+        try:
+            return convert(events[0])
+        except GatewayError as e:
+            raise StreamInterrupted(b"", e) from e
+    out: list[bytes] = []
+    for event in events:
+        try:
+            out.append(convert(event))
+        except GatewayError as e:
+            raise StreamInterrupted(b"".join(out), e) from e
+    return b"".join(out)
 
 
 TranslatorFactory = Callable[["Deployment", str], Translator]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from ..errors import GatewayError, UpstreamError, from_upstream
-from .base import UpstreamCall, Usage, register
+from .base import UpstreamCall, Usage, register, translate_events
 from .sse import DONE, Event, SSEParser, encode
 
 if TYPE_CHECKING:
@@ -80,13 +80,10 @@ class OpenAIChat(_PassThrough):
         return UpstreamCall(self.path, orjson.dumps(body), True)
 
     def response_chunk(self, chunk: bytes) -> bytes:
-        events = self._sse.feed(chunk)
-        if len(events) == 1:
-            return self._event(events[0])
-        return b"".join([self._event(e) for e in events])
+        return translate_events(self._sse.feed(chunk), self._event)
 
     def response_end(self) -> bytes:
-        out = b"".join([self._event(e) for e in self._sse.close()])
+        out = translate_events(self._sse.close(), self._event)
         if not self.complete:
             raise UpstreamError(
                 f"provider '{self.provider}' ended the stream before it was complete",

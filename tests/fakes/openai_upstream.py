@@ -1,8 +1,7 @@
-"""A fake OpenAI-compatible upstream: a real aiohttp server replaying OpenAI's recorded wire format.
+"""A fake OpenAI-compatible upstream replaying OpenAI's recorded wire format (fixtures/openai/).
 
-Responses come from ``tests/fixtures/openai/`` (real API recordings) unless a test queues a
-different behaviour with one of the ``FakeOpenAI.next_*`` methods. Every request is kept in
-``requests`` so that tests can check what the gateway sent.
+Requests are checked against the official OpenAPI document; chat requests without a queued
+behaviour get the first recorded completion, or a recorded stream.
 """
 
 from __future__ import annotations
@@ -12,22 +11,22 @@ import hashlib
 import json
 import struct
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 from aiohttp import web
 
-FIXTURES = Path(__file__).parent.parent / "fixtures"
-UPSTREAM_KEY = "sk-upstream-test-key"
+from ..schemas import openai_errors
+from .base import UPSTREAM_KEY, FakeUpstream, event_data, fixture_bytes, sse_events
 
-Behaviour = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
+__all__ = ["UPSTREAM_KEY", "FakeOpenAI", "cassette_error", "recorded_completions"]
 
-
-def fixture_bytes(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes()
+SCHEMA_OF_PATH = {
+    "/v1/chat/completions": "CreateChatCompletionRequest",
+    "/v1/embeddings": "CreateEmbeddingRequest",
+    "/v1/images/generations": "CreateImageRequest",
+    "/v1/audio/speech": "CreateSpeechRequest",
+}
 
 
 def recorded_completions() -> list[dict[str, Any]]:
@@ -41,139 +40,93 @@ def cassette_error(name: str) -> tuple[int, bytes]:
     return interaction["status"]["code"], json.dumps(interaction["parsed_body"]).encode()
 
 
-def sse_events(raw: bytes) -> list[bytes]:
-    """A recorded stream cut into its events, each with its own separator."""
-    sep = b"\r\n\r\n" if b"\r\n\r\n" in raw else b"\n\n"
-    parts = raw.split(sep)
-    events = [p + sep for p in parts[:-1]]
-    if parts[-1]:
-        events.append(parts[-1])
-    return events
+class FakeOpenAI(FakeUpstream):
+    def routes(self, app: web.Application) -> None:
+        for path in SCHEMA_OF_PATH:
+            app.router.add_post(path, self.handle)
 
+    def auth_error(self, request: web.Request) -> web.Response | None:
+        if request.headers.get("Authorization") == f"Bearer {UPSTREAM_KEY}":
+            return None
+        error = {
+            "message": "Incorrect API key provided: sk-****.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+        return web.json_response({"error": error}, status=401)
 
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: dict[str, Any]
+    def schema_errors(self, request: web.Request, body: dict[str, Any]) -> list[str]:
+        return openai_errors(SCHEMA_OF_PATH[request.path], body)
 
+    def bad_request(self, message: str) -> web.Response:
+        error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+        return web.json_response({"error": error}, status=400)
 
-class FakeOpenAI:
-    def __init__(self) -> None:
-        self.requests: list[Received] = []
-        self._queued: list[Behaviour] = []
-        self.connections_closed = 0
+    def accumulate(self, raw_stream: bytes) -> dict[str, Any]:
+        """The chat.completion equivalent to a recorded chunk stream."""
+        choices: dict[int, dict[str, Any]] = {}
+        head: dict[str, Any] = {}
+        usage = None
+        for event in sse_events(raw_stream):
+            data = event_data(event)
+            if data == b"[DONE]":
+                continue
+            chunk = json.loads(data)
+            head = head or chunk
+            usage = chunk.get("usage") or usage
+            for c in chunk["choices"]:
+                choice = choices.setdefault(
+                    c["index"],
+                    {
+                        "index": c["index"],
+                        "message": {"role": "assistant", "content": None},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    },
+                )
+                message = choice["message"]
+                delta = c["delta"]
+                if delta.get("content"):
+                    message["content"] = (message["content"] or "") + delta["content"]
+                for call in delta.get("tool_calls") or []:
+                    calls = message.setdefault("tool_calls", [])
+                    if call["index"] >= len(calls):
+                        calls.append(
+                            {
+                                "id": call["id"],
+                                "type": "function",
+                                "function": {"name": call["function"]["name"], "arguments": ""},
+                            }
+                        )
+                    calls[call["index"]]["function"]["arguments"] += call["function"].get(
+                        "arguments", ""
+                    )
+                if c.get("finish_reason"):
+                    choice["finish_reason"] = c["finish_reason"]
+        out = {
+            "id": head["id"],
+            "object": "chat.completion",
+            "created": head["created"],
+            "model": head["model"],
+            "choices": [choices[i] for i in sorted(choices)],
+        }
+        if usage:
+            out["usage"] = usage
+        return out
 
-    # --- behaviours a test can queue (each used by one request, in order) ---
-
-    def next_json(
-        self, status: int, body: bytes | dict[str, Any], headers: dict[str, str] | None = None
-    ) -> None:
-        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-
-        async def reply(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
-            return web.Response(
-                status=status, body=raw, content_type="application/json", headers=headers
-            )
-
-        self._queued.append(reply)
-
-    def next_stream(
-        self,
-        fixture: str,
-        *,
-        gate: asyncio.Event | None = None,
-        sent: asyncio.Event | None = None,
-        cut_after: int | None = None,
-        delay: float = 0.0,
-    ) -> None:
-        """Replay a recorded stream one event per write.
-
-        `sent` is set after the first event is written; `gate`, if given, must be set
-        before the last event is written; `cut_after` drops the connection after that many
-        events, as a crashed upstream would.
-        """
-
-        async def reply(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
-            events = sse_events(fixture_bytes(fixture))
-            response = web.StreamResponse(
-                headers={"Content-Type": "text/event-stream; charset=utf-8"}
-            )
-            await response.prepare(request)
-            for i, event in enumerate(events):
-                if cut_after is not None and i == cut_after:
-                    assert request.transport is not None
-                    request.transport.close()
-                    return response
-                if gate is not None and i == len(events) - 1:
-                    await gate.wait()
-                if delay:
-                    await asyncio.sleep(delay)
-                await response.write(event)
-                if sent is not None and i == 0:
-                    sent.set()
-            await response.write_eof()
-            return response
-
-        self._queued.append(reply)
-
-    def next_hang(self) -> None:
-        """Accept the request and never answer."""
-
-        async def reply(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
-            await asyncio.sleep(3600)
-            raise AssertionError("unreachable")
-
-        self._queued.append(reply)
-
-    def next_behaviour(self, behaviour: Behaviour) -> None:
-        self._queued.append(behaviour)
-
-    # --- the server ---
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._handle)
-        app.router.add_post("/v1/embeddings", self._handle)
-        app.router.add_post("/v1/images/generations", self._handle)
-        app.router.add_post("/v1/audio/speech", self._handle)
-        return app
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.requests.append(Received(request.path, dict(request.headers), body))
-        if request.headers.get("Authorization") != f"Bearer {UPSTREAM_KEY}":
-            return web.json_response(
-                {
-                    "error": {
-                        "message": "Incorrect API key provided: sk-****.",
-                        "type": "invalid_request_error",
-                        "param": None,
-                        "code": "invalid_api_key",
-                    }
-                },
-                status=401,
-            )
-        if self._queued:
-            return await self._queued.pop(0)(request, body)
-        if request.path.endswith("/chat/completions"):
-            return await self._chat(request, body)
-        if request.path.endswith("/embeddings"):
+    async def default(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        if request.path == "/v1/chat/completions":
+            if body.get("stream"):
+                self.next_stream("openai/chat-stream-include-usage-text-after-tool.sse")
+                return await self._queued.pop()(request, body)
+            return web.json_response(recorded_completions()[0])
+        if request.path == "/v1/embeddings":
             return web.json_response(_embeddings(body))
-        if request.path.endswith("/images/generations"):
-            return web.json_response(
-                {
-                    "created": int(time.time()),
-                    "data": [{"b64_json": "aGVsbG8=", "revised_prompt": body["prompt"]}],
-                }
-            )
-        return await _speech(request, body)
-
-    async def _chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        if body.get("stream"):
-            self.next_stream("openai/chat-stream-include-usage-text-after-tool.sse")
-            return await self._queued.pop(0)(request, body)
-        return web.json_response(recorded_completions()[0])
+        if request.path == "/v1/images/generations":
+            data = [{"b64_json": "aGVsbG8=", "revised_prompt": body["prompt"]}]
+            return web.json_response({"created": int(time.time()), "data": data})
+        return await _speech(request)
 
 
 def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +147,7 @@ def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
 SPEECH_CHUNKS = [b"ID3" + bytes(61), struct.pack(">64H", *range(64)), b"\xff\xfb" + bytes(126)]
 
 
-async def _speech(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+async def _speech(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "audio/mpeg"})
     await response.prepare(request)
     for chunk in SPEECH_CHUNKS:
