@@ -13,6 +13,7 @@ from gateway.auth import hash_key, new_key
 
 from .fakes.anthropic_upstream import FakeAnthropic
 from .fakes.base import UPSTREAM_KEY, FakeUpstream
+from .fakes.gemini_upstream import FakeGemini
 from .fakes.openai_upstream import FakeOpenAI
 
 CLIENT_KEY = new_key()
@@ -23,10 +24,11 @@ DEMO_ONLY_KEY = new_key()
 class Fakes:
     openai: FakeOpenAI
     anthropic: FakeAnthropic
+    gemini: FakeGemini
     urls: dict[str, str]
 
     def all(self) -> list[FakeUpstream]:
-        return [self.openai, self.anthropic]
+        return [self.openai, self.anthropic, self.gemini]
 
 
 def gateway_toml(urls: dict[str, str], extra: str = "", server: str = "request_timeout = 5") -> str:
@@ -54,6 +56,17 @@ api_key = "{UPSTREAM_KEY}"
 models = [
   {{ id = "claude-haiku", upstream = "claude-haiku-4-5", context_window = 200000, max_tokens = 1024, price_in = 1.0, price_out = 5.0, capabilities = ["chat", "tools", "vision", "json"] }},
   {{ id = "claude-sonnet", upstream = "claude-sonnet-4-5", context_window = 200000, capabilities = ["chat", "tools", "vision", "json"] }},
+]
+
+[[providers]]
+name = "google"
+kind = "gemini"
+base_url = "{urls["gemini"]}/v1beta"
+api_key = "{UPSTREAM_KEY}"
+models = [
+  {{ id = "gemini-flash", upstream = "gemini-2.0-flash", context_window = 1000000, max_tokens = 8192, price_in = 0.1, price_out = 0.4, capabilities = ["chat", "tools", "vision", "json"] }},
+  {{ id = "gemini-pro", upstream = "gemini-3-pro-preview", context_window = 1000000, capabilities = ["chat", "tools", "vision", "json"] }},
+  {{ id = "embedding", upstream = "gemini-embedding-001", capabilities = ["embeddings"] }},
 ]
 
 [[providers]]
@@ -94,6 +107,10 @@ class Gateway:
         return self.fakes.anthropic
 
     @property
+    def gemini(self) -> FakeGemini:
+        return self.fakes.gemini
+
+    @property
     def url(self) -> str:
         return str(self.server.make_url("")).rstrip("/")
 
@@ -127,12 +144,10 @@ MakeGateway = Callable[..., Awaitable[Gateway]]
 
 @pytest.fixture
 async def fakes(aiohttp_server) -> AsyncIterator[Fakes]:  # type: ignore[no-untyped-def]
-    openai_fake, anthropic_fake = FakeOpenAI(), FakeAnthropic()
-    urls = {}
-    for name, fake in (("openai", openai_fake), ("anthropic", anthropic_fake)):
-        server = await aiohttp_server(fake.app())
-        urls[name] = str(server.make_url("")).rstrip("/")
-    found = Fakes(openai_fake, anthropic_fake, urls)
+    found = Fakes(FakeOpenAI(), FakeAnthropic(), FakeGemini(), {})
+    for name in ("openai", "anthropic", "gemini"):
+        server = await aiohttp_server(getattr(found, name).app())
+        found.urls[name] = str(server.make_url("")).rstrip("/")
     yield found
     # every request the gateway sent must have been valid for its provider
     for fake in found.all():

@@ -20,7 +20,7 @@ DEMO_KEY = "gw-demo-not-a-secret"  # the key the README and config.example.toml 
 
 @pytest.fixture
 async def example(aiohttp_server, monkeypatch: pytest.MonkeyPatch) -> TestServer:  # type: ignore[no-untyped-def]
-    for var in ("OPENAI_API_KEY", "MISTRAL_API_KEY"):
+    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "MISTRAL_API_KEY"):
         monkeypatch.delenv(var, raising=False)
     return await aiohttp_server(build(load(ROOT / "config.example.toml")))
 

@@ -27,6 +27,9 @@ async def test_sdk_lists_models_with_extra_fields(gateway: Gateway) -> None:
         "openai/tts-1",
         "anthropic/claude-haiku",
         "anthropic/claude-sonnet",
+        "google/gemini-flash",
+        "google/gemini-pro",
+        "google/embedding",
         "demo/echo",
         "demo/embed",
         "gpt-4",
@@ -55,10 +58,20 @@ async def test_key_sees_only_its_models(gateway: Gateway) -> None:
     ("query", "expected"),
     [
         ("provider=demo", ["demo/echo", "demo/embed"]),
-        ("capability=embeddings", ["openai/text-embedding-3-small", "demo/embed"]),
+        (
+            "capability=embeddings",
+            ["openai/text-embedding-3-small", "google/embedding", "demo/embed"],
+        ),
         (
             "min_context=10000",
-            ["openai/gpt-4o", "anthropic/claude-haiku", "anthropic/claude-sonnet", "gpt-4"],
+            [
+                "openai/gpt-4o",
+                "anthropic/claude-haiku",
+                "anthropic/claude-sonnet",
+                "google/gemini-flash",
+                "google/gemini-pro",
+                "gpt-4",
+            ],
         ),
         (
             "max_price_in=0.5",
@@ -67,12 +80,21 @@ async def test_key_sees_only_its_models(gateway: Gateway) -> None:
                 "openai/gpt-image-1",
                 "openai/tts-1",
                 "anthropic/claude-sonnet",
+                "google/gemini-flash",
+                "google/gemini-pro",
+                "google/embedding",
                 "demo/embed",
             ],
         ),
         (
             "capability=chat&max_price_in=1",
-            ["anthropic/claude-haiku", "anthropic/claude-sonnet", "demo/echo"],
+            [
+                "anthropic/claude-haiku",
+                "anthropic/claude-sonnet",
+                "google/gemini-flash",
+                "google/gemini-pro",
+                "demo/echo",
+            ],
         ),
     ],
 )

@@ -3,4 +3,4 @@
 Importing the package registers every translator module.
 """
 
-from . import openai_anthropic, openai_openai  # noqa: F401  (each registers its translators)
+from . import openai_anthropic, openai_gemini, openai_openai  # noqa: F401  (each registers)

@@ -44,11 +44,12 @@ class Message:
     refusal: str | None = None
 
     def as_json(self) -> JSONObject:
+        # An answer that is only tool calls or reasoning has null content, as in OpenAI's
+        # own responses and in what the SDKs accumulate from the equivalent stream.
+        text = "".join(self.content)
         message: JSONObject = {
             "role": "assistant",
-            "content": "".join(self.content)
-            if self.content
-            else (None if self.tool_calls or self.reasoning else ""),
+            "content": text or (None if self.tool_calls or self.reasoning else ""),
             "refusal": self.refusal,
         }
         if self.reasoning:

@@ -1,0 +1,347 @@
+"""One test matrix, three providers: the openai SDK uses OpenAI, Anthropic and Gemini models
+through the gateway the same way, and gets the same kind of answers.
+
+Each provider's fake serves its own recordings; where no recording exists for a case (a length
+stop, a rate-limit error), the fake's answer is written in that provider's documented format.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+import pytest
+
+from .conftest import Gateway
+from .fakes.anthropic_upstream import anthropic_error
+from .fakes.base import FakeUpstream, fixture_bytes, sse_events
+from .fakes.gemini_upstream import google_error
+from .fakes.openai_upstream import cassette_error
+
+
+@dataclass(frozen=True)
+class Provider:
+    model: str
+    fake: Callable[[Gateway], FakeUpstream]
+    tool_call: str  # a recorded stream that calls a tool
+    after_tool: str  # a recorded stream answering after the tool result
+    length_stop: Callable[[], bytes]  # a non-stream answer cut by max_tokens
+    rate_limited: Callable[[], tuple[int, bytes]]
+    system_sent: Callable[[dict[str, Any]], Any]  # where the system prompt went
+    turns_sent: Callable[[dict[str, Any]], int]
+
+
+def _anthropic_length() -> bytes:
+    return json.dumps(
+        {
+            "id": "msg_len",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-haiku-4-5",
+            "content": [{"type": "text", "text": "Once upon"}],
+            "stop_reason": "max_tokens",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 5, "output_tokens": 2},
+        }
+    ).encode()
+
+
+def _gemini_length() -> bytes:
+    return json.dumps(
+        {
+            "candidates": [
+                {
+                    "content": {"parts": [{"text": "Once upon"}], "role": "model"},
+                    "finishReason": "MAX_TOKENS",
+                    "index": 0,
+                }
+            ],
+            "usageMetadata": {
+                "promptTokenCount": 5,
+                "candidatesTokenCount": 2,
+                "totalTokenCount": 7,
+            },
+            "modelVersion": "gemini-2.0-flash",
+            "responseId": "len1",
+        }
+    ).encode()
+
+
+def _openai_length() -> bytes:
+    from .fakes.openai_upstream import recorded_completions
+
+    return json.dumps(
+        next(r for r in recorded_completions() if r["choices"][0]["finish_reason"] == "length")
+    ).encode()
+
+
+PROVIDERS = {
+    "openai": Provider(
+        model="openai/gpt-4o",
+        fake=lambda g: g.fake,
+        tool_call="openai/chat-stream-include-usage-tool-call.sse",
+        after_tool="openai/chat-stream-include-usage-text-after-tool.sse",
+        length_stop=_openai_length,
+        rate_limited=lambda: (
+            429,
+            json.dumps(
+                {
+                    "error": {
+                        "message": "Rate limit reached",
+                        "type": "requests",
+                        "param": None,
+                        "code": "rate_limit_exceeded",
+                    }
+                }
+            ).encode(),
+        ),
+        system_sent=lambda body: body["messages"][0],
+        turns_sent=lambda body: len([m for m in body["messages"] if m["role"] != "system"]),
+    ),
+    "anthropic": Provider(
+        model="anthropic/claude-haiku",
+        fake=lambda g: g.anthropic,
+        tool_call="anthropic/stream-tool-use-only.sse",
+        after_tool="anthropic/stream-text-after-tool-result.sse",
+        length_stop=_anthropic_length,
+        rate_limited=lambda: anthropic_error(
+            429,
+            "rate_limit_error",
+            "Number of request tokens has exceeded your per-minute rate limit",
+        ),
+        system_sent=lambda body: body["system"],
+        turns_sent=lambda body: len(body["messages"]),
+    ),
+    "google": Provider(
+        model="google/gemini-flash",
+        fake=lambda g: g.gemini,
+        tool_call="gemini/stream-function-call-thought-signature.sse",
+        after_tool="gemini/stream-text-after-function-response.sse",
+        length_stop=_gemini_length,
+        rate_limited=lambda: google_error(429, "RESOURCE_EXHAUSTED", "Resource has been exhausted"),
+        system_sent=lambda body: body["systemInstruction"],
+        turns_sent=lambda body: len(body["contents"]),
+    ),
+}
+
+providers = pytest.mark.parametrize("name", list(PROVIDERS))
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"location": {"type": "string"}, "units": {"type": "string"}},
+                "required": ["location"],
+            },
+        },
+    }
+]
+
+
+@providers
+async def test_plain_chat(gateway: Gateway, name: str) -> None:
+    p = PROVIDERS[name]
+    answer = await gateway.aclient().chat.completions.create(
+        model=p.model, messages=[{"role": "user", "content": "Hello"}]
+    )
+    assert answer.model == p.model
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].message.content
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.usage is not None and answer.usage.total_tokens > 0
+
+
+@providers
+async def test_streaming_with_usage(gateway: Gateway, name: str) -> None:
+    p = PROVIDERS[name]
+    stream = await gateway.aclient().chat.completions.create(
+        model=p.model,
+        messages=[{"role": "user", "content": "Hello"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert (
+        chunks[-1].usage.total_tokens
+        == chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
+    )
+
+
+@providers
+async def test_system_prompt_and_multi_turn(gateway: Gateway, name: str) -> None:
+    p = PROVIDERS[name]
+    await gateway.aclient().chat.completions.create(
+        model=p.model,
+        messages=[
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "How are you?"},
+        ],
+    )
+    body = p.fake(gateway).requests[-1].body
+    assert "You are terse." in json.dumps(p.system_sent(body))
+    assert p.turns_sent(body) == 3
+
+
+@providers
+@pytest.mark.parametrize("stream", [False, True])
+async def test_tool_round_trip(gateway: Gateway, name: str, stream: bool) -> None:
+    p = PROVIDERS[name]
+    fake = p.fake(gateway)
+    fake.next_recording(p.tool_call)
+    fake.next_recording(p.after_tool)
+    client = gateway.aclient()
+    messages: list[Any] = [{"role": "user", "content": "What's the weather?"}]
+
+    async def ask() -> openai.types.chat.ChatCompletion:
+        if not stream:
+            return await client.chat.completions.create(
+                model=p.model, messages=messages, tools=TOOLS
+            )
+        async with client.chat.completions.stream(
+            model=p.model, messages=messages, tools=TOOLS
+        ) as s:
+            return await s.get_final_completion()
+
+    first = await ask()
+    assert first.choices[0].finish_reason == "tool_calls"
+    call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert call.id and call.function.name  # type: ignore[union-attr]
+    assert isinstance(json.loads(call.function.arguments), dict)  # type: ignore[union-attr]
+    messages += [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                }
+            ],
+        },  # type: ignore[union-attr]
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": "20C"}'},
+    ]
+    final = await ask()
+    assert final.choices[0].finish_reason == "stop"
+    assert final.choices[0].message.content
+    sent = json.dumps(fake.requests[-1].body)
+    assert "20C" in sent  # the tool result reached the provider
+
+
+@providers
+async def test_image_input(gateway: Gateway, name: str) -> None:
+    p = PROVIDERS[name]
+    await gateway.aclient().chat.completions.create(
+        model=p.model,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg=="},
+                    },
+                ],
+            }
+        ],
+    )
+    assert "iVBORw0KGgoAAAANSUhEUg==" in json.dumps(p.fake(gateway).requests[-1].body)
+
+
+@providers
+async def test_json_schema_output(gateway: Gateway, name: str) -> None:
+    p = PROVIDERS[name]
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    await gateway.aclient().chat.completions.create(
+        model=p.model,
+        messages=[{"role": "user", "content": "City?"}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "city", "schema": schema, "strict": True},
+        },
+    )
+    assert json.dumps(schema) in json.dumps(p.fake(gateway).requests[-1].body)
+
+
+@providers
+async def test_stop_sequences(gateway: Gateway, name: str) -> None:
+    p = PROVIDERS[name]
+    await gateway.aclient().chat.completions.create(
+        model=p.model, messages=[{"role": "user", "content": "Count"}], stop=["7", "END"]
+    )
+    assert '["7", "END"]' in json.dumps(p.fake(gateway).requests[-1].body)
+
+
+@providers
+async def test_length_finish(gateway: Gateway, name: str) -> None:
+    p = PROVIDERS[name]
+    p.fake(gateway).next_json(200, p.length_stop())
+    answer = await gateway.aclient().chat.completions.create(
+        model=p.model, messages=[{"role": "user", "content": "Tell a story"}], max_tokens=2
+    )
+    assert answer.choices[0].finish_reason == "length"
+    assert "2" in json.dumps(p.fake(gateway).requests[-1].body)
+
+
+@providers
+async def test_upstream_rate_limit(gateway: Gateway, name: str) -> None:
+    p = PROVIDERS[name]
+    status, body = p.rate_limited()
+    p.fake(gateway).next_json(status, body, headers={"Retry-After": "1"})
+    with pytest.raises(openai.RateLimitError) as caught:
+        await gateway.aclient().chat.completions.create(
+            model=p.model, messages=[{"role": "user", "content": "x"}]
+        )
+    assert caught.value.status_code == 429
+    assert caught.value.code == "rate_limit_exceeded"
+
+
+@providers
+async def test_upstream_bad_request(gateway: Gateway, name: str) -> None:
+    p = PROVIDERS[name]
+    if name == "openai":
+        status, body = cassette_error(
+            "openai/pydantic-ai_error-400-unsupported-value.cassette.yaml"
+        )
+    elif name == "anthropic":
+        status, body = anthropic_error(400, "invalid_request_error", "messages: bad")
+    else:
+        status, body = google_error(400, "INVALID_ARGUMENT", "Invalid value at contents")
+    p.fake(gateway).next_json(status, body)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await gateway.aclient().chat.completions.create(
+            model=p.model, messages=[{"role": "user", "content": "x"}]
+        )
+    assert caught.value.type == "invalid_request_error"
+
+
+@providers
+async def test_mid_stream_failure(gateway: Gateway, name: str) -> None:
+    p = PROVIDERS[name]
+    events = len(sse_events(fixture_bytes(p.after_tool)))
+    p.fake(gateway).next_stream(p.after_tool, cut_after=min(2, events - 1))
+    stream = await gateway.aclient().chat.completions.create(
+        model=p.model, messages=[{"role": "user", "content": "x"}], stream=True
+    )
+    with pytest.raises(openai.APIError) as caught:
+        async for _ in stream:
+            pass
+    assert caught.value.code in ("upstream_connection_lost", "upstream_stream_incomplete")
