@@ -8,6 +8,7 @@ problem: ``providers[1] (openai).models[0].price_in: expected a number, got "abc
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -54,6 +55,8 @@ class ModelConfig:
     price_out: float = 0.0
     price_cache_read: float | None = None
     price_cache_write: float | None = None
+    # A flat price per request (e.g. credits per message), added to the token prices.
+    price_request: float = 0.0
     capabilities: tuple[Capability, ...] = ("chat",)
 
     @property
@@ -76,6 +79,49 @@ class ProviderConfig:
     models: tuple[ModelConfig, ...] = ()
 
 
+BudgetPeriod = Literal["day", "month", "total"]
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSet:
+    """Limits of one key. Unset fields inherit (key -> tier -> [limits]); 0 means no limit."""
+
+    chat_per_minute: int | None = None  # requests per minute to chat completions
+    embeddings_per_minute: int | None = None
+    standard_per_minute: int | None = None  # every other endpoint
+    requests_per_day: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    # Spending limit in the unit of the model prices (USD, or credits), per budget_period.
+    budget: float | None = None
+    budget_period: BudgetPeriod | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TierConfig(LimitSet):
+    # Automatic upgrade: after this many days in a row on which the key was used and never
+    # refused by a limit, it moves to `upgrade_to` at the daily reset.
+    upgrade_to: str | None = None
+    upgrade_after_days: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig(LimitSet):
+    """[limits]: defaults for every key, plus the per-client-IP limits and policies."""
+
+    ip_chat_per_minute: int | None = None
+    ip_embeddings_per_minute: int | None = None
+    ip_standard_per_minute: int | None = None
+    # X-Forwarded-For is honoured only from these addresses or networks.
+    trusted_proxies: tuple[str, ...] = ()
+    # Fraction of a daily token quota or budget after which responses carry a warning.
+    soft_limit: float = 0.8
+    # UTC hour at which daily quotas reset.
+    day_reset_hour: int = 0
+    # Cut a stream whose real usage crosses a hard budget or token quota.
+    cut_off_streams: bool = True
+
+
 @dataclass(frozen=True, slots=True)
 class KeyConfig:
     id: str
@@ -84,14 +130,40 @@ class KeyConfig:
     description: str = ""
     # Model ids, aliases or glob patterns ("openai/*", "*") this key may use.
     models: tuple[str, ...] = ("*",)
+    tier: str | None = None
+    limits: LimitSet = LimitSet()
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    # SQLite database of usage records and managed keys, relative to the working directory.
+    path: str = "gateway.db"
+    # Usage records are written in batches at most this many seconds apart; a crash loses
+    # at most this much.
+    flush_interval: float = 1.0
+    # Raw usage records older than this are deleted (daily roll-ups are kept).
+    retention_days: int = 90
+    # Records waiting to be written are capped in memory; past it they are dropped and
+    # counted.
+    queue_max: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    # "sha256:<hex>" of the admin key that guards /admin; no key, no admin API.
+    key_hash: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = ServerConfig()
+    storage: StorageConfig = StorageConfig()
+    admin: AdminConfig = AdminConfig()
     providers: tuple[ProviderConfig, ...] = ()
     # alias -> one model id or an ordered list of model ids (fallbacks in order)
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    limits: LimitsConfig = LimitsConfig()
+    tiers: Mapping[str, TierConfig] = field(default_factory=dict)
     keys: tuple[KeyConfig, ...] = ()
     # Where the file was read from; not a TOML key.
     source: str = field(default="", metadata={"internal": True})
@@ -273,7 +345,14 @@ def _check(config: Config) -> None:
                 raise ConfigError(f"{mwhere}.id: model '{m.id}' is declared twice")
             seen_models.add(m.id)
             model_ids.add(f"{p.name}/{m.id}")
-            for name in ("price_in", "price_out", "price_cache_read", "price_cache_write"):
+            prices = (
+                "price_in",
+                "price_out",
+                "price_cache_read",
+                "price_cache_write",
+                "price_request",
+            )
+            for name in prices:
                 v = getattr(m, name)
                 if v is not None and v < 0:
                     raise ConfigError(f"{mwhere}.{name}: a price cannot be negative")
@@ -294,6 +373,8 @@ def _check(config: Config) -> None:
                     '(use provider/model, e.g. "openai/gpt-4o")'
                 )
 
+    _check_limits(config)
+
     seen_keys: set[str] = set()
     seen_hashes: set[str] = set()
     for i, k in enumerate(config.keys):
@@ -311,3 +392,48 @@ def _check(config: Config) -> None:
         if k.hash in seen_hashes:
             raise ConfigError(f"{where}.hash: the same key hash is used by two keys")
         seen_hashes.add(k.hash)
+        if k.tier is not None and k.tier not in config.tiers:
+            raise ConfigError(f"{where}.tier: no tier '{k.tier}' in [tiers]")
+        _check_limit_set(k.limits, f"{where}.limits")
+
+    if config.admin.key_hash is not None and not _KEY_HASH.match(config.admin.key_hash):
+        raise ConfigError('admin.key_hash: expected "sha256:<64 hex digits>"')
+    st = config.storage
+    if st.flush_interval <= 0:
+        raise ConfigError("storage.flush_interval: must be greater than 0 seconds")
+    if st.retention_days < 1:
+        raise ConfigError("storage.retention_days: must be at least 1")
+    if st.queue_max < 1:
+        raise ConfigError("storage.queue_max: must be at least 1")
+
+
+def _check_limit_set(limits: LimitSet, where: str) -> None:
+    for f in dataclasses.fields(limits):
+        v = getattr(limits, f.name)
+        if isinstance(v, int | float) and not isinstance(v, bool) and v < 0:
+            raise ConfigError(f"{where}.{f.name}: must not be negative (0 means no limit)")
+
+
+def _check_limits(config: Config) -> None:
+    lim = config.limits
+    _check_limit_set(lim, "limits")
+    if not 0 < lim.soft_limit <= 1:
+        raise ConfigError("limits.soft_limit: must be a fraction between 0 and 1")
+    if not 0 <= lim.day_reset_hour <= 23:
+        raise ConfigError("limits.day_reset_hour: must be an hour from 0 to 23")
+    for i, proxy in enumerate(lim.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"limits.trusted_proxies[{i}]: '{proxy}' is not an IP address or network"
+            ) from None
+    for name, tier in config.tiers.items():
+        where = f'tiers."{name}"'
+        _check_limit_set(tier, where)
+        if tier.upgrade_to is not None and tier.upgrade_to not in config.tiers:
+            raise ConfigError(f"{where}.upgrade_to: no tier '{tier.upgrade_to}' in [tiers]")
+        if (tier.upgrade_to is None) != (tier.upgrade_after_days is None):
+            raise ConfigError(f"{where}: set both upgrade_to and upgrade_after_days, or neither")
+        if tier.upgrade_after_days is not None and tier.upgrade_after_days < 1:
+            raise ConfigError(f"{where}.upgrade_after_days: must be at least 1")
