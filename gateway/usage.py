@@ -19,7 +19,7 @@ import logging
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from typing import Concatenate, ParamSpec, TypeVar
@@ -205,6 +205,10 @@ class UsageRecorder:
                 await asyncio.sleep(min(self._backoff(), remaining))
             await self.call(UsageStore.close)
             self._store = None
+        elif self.depth:
+            self.dropped += self.depth
+            log.error("usage: %d records were recorded but the store was never started", self.depth)
+            self._queue.clear()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
 
@@ -240,8 +244,8 @@ class UsageRecorder:
     ) -> AdminUsage:
         return await self.call(UsageStore.admin_usage, start, end, key_id, model)
 
-    async def key_stats(self, key_ids: tuple[str, ...] = ()) -> list[KeyStats]:
-        return await self.call(UsageStore.key_stats, key_ids)
+    async def key_stats(self, key_ids: Iterable[str] = ()) -> list[KeyStats]:
+        return await self.call(UsageStore.key_stats, tuple(key_ids))
 
     async def totals_since(self, since: float) -> dict[str, KeyTotals]:
         return await self.call(UsageStore.totals_since, since)

@@ -219,7 +219,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             stream INTEGER NOT NULL
         )""",
         "CREATE INDEX usage_ts ON usage (ts)",
-        "CREATE INDEX usage_key_ts ON usage (key_id, ts)",
         """CREATE TABLE usage_daily (
             key_id TEXT NOT NULL,
             day TEXT NOT NULL,
@@ -316,6 +315,14 @@ _SUMS = """sum(requests), sum(errors), sum(prompt_tokens), sum(completion_tokens
 
 _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+_DATA_ERRORS = (
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.IntegrityError,
+    TypeError,
+    ValueError,
+    OverflowError,
+)
 _INT64 = range(-(2**63), 2**63)
 _RECORD_TYPES: tuple[tuple[type | tuple[type, ...], ...], ...] = (
     (int, float),
@@ -397,21 +404,25 @@ class UsageStore:
         return version
 
     def _migrate(self) -> None:
+        self._check_version(self.schema_version())
         if self.schema_version() == SCHEMA_VERSION:
             return
         # Under the write lock, so that two processes opening a new file do not both migrate.
         with self._transaction():
             version = self.schema_version()
-            if version > SCHEMA_VERSION:
-                raise SchemaTooNew(
-                    f"{self.path}: the usage database has schema version {version}, but this "
-                    f"gateway knows versions up to {SCHEMA_VERSION}; upgrade the gateway or "
-                    "point storage.path at another file"
-                )
+            self._check_version(version)
             for i in range(version, SCHEMA_VERSION):
                 for statement in MIGRATIONS[i]:
                     self.conn.execute(statement)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"{self.path}: the usage database has schema version {version}, but this "
+                f"gateway knows versions up to {SCHEMA_VERSION}; upgrade the gateway or "
+                "point storage.path at another file"
+            )
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.conn)
@@ -430,10 +441,8 @@ class UsageStore:
         try:
             self._insert(records)
             return len(records)
-        except (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.IntegrityError):
-            pass
-        except (TypeError, ValueError, OverflowError):
-            pass
+        except _DATA_ERRORS:
+            pass  # one bad record fails the whole executemany: find the good ones
         valid = [r for r in records if is_valid_record(r)]
         if valid:
             self._insert(valid)
@@ -451,6 +460,7 @@ class UsageStore:
         """Delete up to `limit` raw rows older than `before`; roll-ups stay. Returns the count.
 
         Call it again while it returns `limit`: short transactions let batches in between.
+        Also forgets the hashes retired by a rotation whose grace time is over.
         """
         with self._transaction():
             cur = self.conn.execute(

@@ -236,6 +236,13 @@ async def test_close_writes_what_is_queued(make_recorder: MakeRecorder) -> None:
     assert r.dropped == 1
 
 
+async def test_records_of_a_recorder_never_started_are_counted(make_recorder: MakeRecorder) -> None:
+    r = await make_recorder(start=False)
+    r.record(rec())
+    await r.close()
+    assert (r.dropped, r.depth) == (1, 0)
+
+
 async def test_record_never_raises_and_invalid_records_are_counted(
     make_recorder: MakeRecorder,
 ) -> None:
