@@ -351,8 +351,9 @@ def _day(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).date().isoformat()
 
 
-def _next_midnight(ts: float) -> float:
-    return (ts // DAY + 1) * DAY
+def _day_boundary(ts: float) -> float:
+    """The first midnight (UTC) at or after `ts`."""
+    return -(-ts // DAY) * DAY
 
 
 def is_valid_record(rec: object) -> bool:
@@ -602,10 +603,11 @@ class UsageStore:
     def totals_since(self, since: float) -> dict[str, KeyTotals]:
         """Requests, tokens and cost per key of the records with ts >= `since`.
 
-        Raw rows cover the part of a day after `since`, roll-ups the whole days after it, so
-        that a period longer than the raw retention (a monthly budget) still adds up.
+        Roll-ups cover the whole UTC days from `since` on, raw rows only the part of a day
+        before the first midnight, so that a period longer than the raw retention (a monthly
+        budget) still adds up; a `since` that is not a UTC midnight needs that day's raw rows.
         """
-        midnight = _next_midnight(since)
+        midnight = _day_boundary(since)
         sums: dict[str, list[int]] = {}
         queries = (
             (

@@ -656,19 +656,20 @@ def test_restore_counters_for_the_limiter(store: UsageStore) -> None:
             rec(today + 7200, 3, cost=0.25, prompt_tokens=7, completion_tokens=3),
             rec(day_start(date(2025, 2, 28)), 4, cost=16.0),  # last month
             rec(today + 60, 5, key="k2", cost=2.0),
+            rec(day_start(date(2025, 3, 1)) + 1, 6, cost=4.0),  # first of the month
         ]
     )
     month = day_start(date(2025, 3, 1))
     assert store.restore_counters(today, month) == {
-        "k1": RestoredCounters(requests_today=2, tokens_today=130, cost=1.75),
+        "k1": RestoredCounters(requests_today=2, tokens_today=130, cost=5.75),
         "k2": RestoredCounters(requests_today=1, tokens_today=15, cost=2.0),
     }
     # A day reset at 01:30 UTC: today starts mid-day, yesterday's 23:00 record is out
     assert store.totals_since(today + 5400)["k1"] == KeyTotals(1, 10, 0.25)
     # Past the raw retention, whole days still come from the roll-ups
     store.prune(today)
-    assert store.totals_since(month)["k1"] == KeyTotals(3, 145, 1.75)
-    assert store.totals_since(0)["k1"].cost == 17.75
+    assert store.totals_since(month)["k1"] == KeyTotals(4, 160, 5.75)
+    assert store.totals_since(0)["k1"].cost == 21.75
 
 
 # --- keys and tiers -------------------------------------------------------------------------
