@@ -1,0 +1,374 @@
+"""Usage accounting on the request path: prices, and the write-behind recorder.
+
+``UsageRecorder.record()`` appends the record to an in-memory deque and returns: no I/O, no
+lock, no exception. One asyncio task drains the deque at most ``flush_interval`` seconds apart
+(sooner when a batch fills) and hands each batch to one dedicated worker thread, which owns the
+SQLite connection (``UsageStore``) and writes the batch and its daily roll-ups in one
+transaction. Queries run on the same thread, so the event loop never touches SQLite.
+
+When the database cannot be written (locked, full, read-only) the batch is kept and retried
+with backoff, and the fault is logged once per episode. Records beyond ``queue_max`` waiting in
+memory are dropped and counted in ``dropped``; nothing is lost without a count and a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from typing import Concatenate, ParamSpec, TypeVar
+
+from .config import ModelConfig, StorageConfig
+from .translate.base import Usage
+from .usage_store import (
+    DAY,
+    NANO,
+    AdminUsage,
+    KeyStats,
+    KeyTotals,
+    ManagedKey,
+    RestoredCounters,
+    SchemaTooNew,
+    TierChange,
+    TierState,
+    UsageRecord,
+    UsageStore,
+    UsageStoreError,
+    UsageSummary,
+    default_period,
+)
+
+__all__ = [
+    "AdminUsage",
+    "KeyStats",
+    "KeyTotals",
+    "ManagedKey",
+    "RestoredCounters",
+    "SchemaTooNew",
+    "TierChange",
+    "TierState",
+    "UsageRecord",
+    "UsageRecorder",
+    "UsageStore",
+    "UsageStoreError",
+    "UsageSummary",
+    "cost_of",
+    "default_period",
+]
+
+log = logging.getLogger("gateway.usage")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+PRUNE_CHUNK = 10_000
+
+
+def cost_of(model: ModelConfig, usage: Usage) -> float:
+    """What one request cost at `model`'s prices (per million tokens), plus its flat price.
+
+    Uncached input is charged at ``price_in``, cache reads at ``price_cache_read`` and cache
+    writes at ``price_cache_write`` (both default to ``price_in``), all output (reasoning
+    included) at ``price_out``. The result is rounded to a nano-unit, the store's unit, so that
+    what is stored and summed is exactly what this returns.
+    """
+    read_price = model.price_in if model.price_cache_read is None else model.price_cache_read
+    write_price = model.price_in if model.price_cache_write is None else model.price_cache_write
+    uncached = max(usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens, 0)
+    # tokens x price per million tokens = micro-units
+    micro = (
+        uncached * model.price_in
+        + usage.cached_tokens * read_price
+        + usage.cache_write_tokens * write_price
+        + usage.completion_tokens * model.price_out
+    )
+    return round(micro * 1000 + model.price_request * NANO) / NANO
+
+
+class UsageRecorder:
+    """The write-behind queue in front of a ``UsageStore``; see the module docstring.
+
+    ``record()`` must be called from the event loop's thread. ``dropped`` counts every record
+    that will never be written (queue full, invalid, recorded after close, or still unwritten
+    when close gave up); ``rejected`` the invalid ones among them; ``written`` the committed.
+    """
+
+    def __init__(
+        self,
+        config: StorageConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        batch_size: int = 5_000,
+        busy_timeout: float = 2.0,
+        max_backoff: float = 30.0,
+        close_timeout: float = 10.0,
+        prune_every: float = 3_600.0,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.dropped = 0
+        self.rejected = 0
+        self.written = 0
+        self._queue: deque[UsageRecord] = deque()
+        self._pending: list[UsageRecord] = []  # taken from the queue, not yet committed
+        self._writing = 0  # records in the batch the worker thread is writing
+        self._limit = config.queue_max
+        self._batch_size = batch_size
+        self._busy_timeout = busy_timeout
+        self._max_backoff = max(max_backoff, config.flush_interval)
+        self._close_timeout = close_timeout
+        self._prune_every = prune_every
+        self._next_prune = 0.0
+        self._closed = False
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._store: UsageStore | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._failures = 0  # consecutive failed writes
+        self._failing_since = 0.0
+        self._overflow_seen = 0
+        self._overflowing = False
+
+    @property
+    def depth(self) -> int:
+        """Records waiting to be written."""
+        return len(self._queue) + len(self._pending) + self._writing
+
+    @property
+    def failing(self) -> bool:
+        """The last write failed; records are being kept for a retry."""
+        return self._failures > 0
+
+    def record(self, rec: UsageRecord) -> None:
+        """Queue one record for writing. O(1); never blocks, never raises."""
+        if self._closed or len(self._queue) + len(self._pending) + self._writing >= self._limit:
+            self.dropped += 1
+            return
+        self._queue.append(rec)
+        if len(self._queue) == self._batch_size:
+            self._wake.set()
+
+    async def start(self) -> None:
+        """Open (create, migrate) the database on the worker thread and start the writer.
+
+        Raises ``UsageStoreError`` or ``sqlite3.Error`` if the file cannot be opened: the
+        gateway should not start without its usage database.
+        """
+        if self._task is not None:
+            raise RuntimeError("UsageRecorder.start() called twice")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="gateway-usage")
+        try:
+            self._store = await asyncio.get_running_loop().run_in_executor(
+                self._executor,
+                functools.partial(
+                    UsageStore, self.config.path, clock=self.clock, busy_timeout=self._busy_timeout
+                ),
+            )
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+        self._task = asyncio.create_task(self._run(), name="gateway-usage-writer")
+
+    async def flush(self) -> bool:
+        """Write every record queued so far. False if the database failed (records are kept)."""
+        if self._store is None:
+            raise RuntimeError("UsageRecorder.flush() before start()")
+        return await self._write_pending()
+
+    async def close(self) -> None:
+        """Stop the writer, write what is queued (retrying up to close_timeout), close the file."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        if self._store is not None:
+            deadline = time.monotonic() + self._close_timeout
+            while not await self._write_pending():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    lost = self.depth
+                    self.dropped += lost
+                    self._pending.clear()
+                    self._queue.clear()
+                    log.error("usage: %d records were not written before shutdown", lost)
+                    break
+                await asyncio.sleep(min(self._backoff(), remaining))
+            await self.call(UsageStore.close)
+            self._store = None
+        elif self.depth:
+            self.dropped += self.depth
+            log.error("usage: %d records were recorded but the store was never started", self.depth)
+            self._queue.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    async def prune(self) -> int:
+        """Delete raw records older than retention_days now; returns how many."""
+        before = self.clock() - self.config.retention_days * DAY
+        deleted = 0
+        while (n := await self.call(UsageStore.prune, before, PRUNE_CHUNK)) > 0:
+            deleted += n
+            if n < PRUNE_CHUNK:
+                break
+        return deleted
+
+    # --- queries, on the worker thread ----------------------------------------------------
+
+    async def call(
+        self, fn: Callable[Concatenate[UsageStore, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run ``fn(store, ...)`` on the worker thread, e.g. ``call(UsageStore.revoke_key, id)``."""
+        if self._store is None or self._executor is None:
+            raise RuntimeError("the usage store is not open")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(fn, self._store, *args, **kwargs)
+        )
+
+    async def summary(
+        self, key_id: str | None, start: date, end: date, model: str | None = None
+    ) -> UsageSummary:
+        return await self.call(UsageStore.summary, key_id, start, end, model)
+
+    async def admin_usage(
+        self, start: date, end: date, key_id: str | None = None, model: str | None = None
+    ) -> AdminUsage:
+        return await self.call(UsageStore.admin_usage, start, end, key_id, model)
+
+    async def key_stats(self, key_ids: Iterable[str] = ()) -> list[KeyStats]:
+        return await self.call(UsageStore.key_stats, tuple(key_ids))
+
+    async def totals_since(self, since: float) -> dict[str, KeyTotals]:
+        return await self.call(UsageStore.totals_since, since)
+
+    async def restore_counters(
+        self, today_start: float, cost_since: float
+    ) -> dict[str, RestoredCounters]:
+        return await self.call(UsageStore.restore_counters, today_start, cost_since)
+
+    async def valid_keys(self) -> dict[str, ManagedKey]:
+        return await self.call(UsageStore.valid_keys)
+
+    async def revoked_ids(self) -> frozenset[str]:
+        return await self.call(UsageStore.revoked_ids)
+
+    # --- the writer -----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._closed:
+            await self._sleep()
+            if self._closed:
+                break
+            try:
+                await self._write_pending()
+                await self._prune_step()
+            except Exception:  # the writer must outlive any bug
+                log.exception("usage: writer error")
+            self._note_overflow()
+
+    async def _sleep(self) -> None:
+        """Until the flush interval (or backoff) ends, a batch fills, or close() is called."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._backoff()
+        while not self._closed:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
+            except TimeoutError:
+                return
+            self._wake.clear()
+            if not self._failures:  # a full batch ends the wait, but not a backoff
+                return
+
+    def _backoff(self) -> float:
+        if not self._failures:
+            return self.config.flush_interval
+        return float(
+            min(self.config.flush_interval * 2 ** min(self._failures, 20), self._max_backoff)
+        )
+
+    async def _write_pending(self) -> bool:
+        async with self._lock:
+            if self._queue:
+                taken, self._queue = self._queue, deque()
+                self._pending.extend(taken)
+            while self._pending:
+                chunk = self._pending[: self._batch_size]
+                del self._pending[: len(chunk)]
+                self._writing = len(chunk)
+                try:
+                    written = await self.call(UsageStore.write_batch, chunk)
+                except sqlite3.Error as e:
+                    self._pending[0:0] = chunk
+                    self._fault(e)
+                    return False
+                except Exception:
+                    written = 0
+                    log.exception("usage: %d records could not be written", len(chunk))
+                finally:
+                    self._writing = 0
+                self.written += written
+                if written < len(chunk):
+                    bad = len(chunk) - written
+                    self.rejected += bad
+                    self.dropped += bad
+                    log.warning("usage: %d invalid records were not written", bad)
+            if self._failures:
+                log.info(
+                    "usage: %s is writable again after %.1f s; queued records written",
+                    self.config.path,
+                    time.monotonic() - self._failing_since,
+                )
+                self._failures = 0
+            return True
+
+    def _fault(self, error: sqlite3.Error) -> None:
+        if not self._failures:
+            self._failing_since = time.monotonic()
+            log.error(
+                "usage: cannot write to %s (%s); keeping %d records and retrying",
+                self.config.path,
+                error,
+                self.depth,
+            )
+        self._failures += 1
+
+    async def _prune_step(self) -> None:
+        """One chunk of retention per writer cycle, so that batches go in between."""
+        now = self.clock()
+        if now < self._next_prune or self._failures:
+            return
+        before = now - self.config.retention_days * DAY
+        try:
+            deleted = await self.call(UsageStore.prune, before, PRUNE_CHUNK)
+        except sqlite3.Error as e:  # retried next cycle; lasting faults show up in writes
+            log.debug("usage: retention skipped: %s", e)
+            return
+        if deleted < PRUNE_CHUNK:
+            self._next_prune = now + self._prune_every
+
+    def _note_overflow(self) -> None:
+        overflow = self.dropped - self.rejected
+        if overflow > self._overflow_seen and not self._overflowing:
+            self._overflowing = True
+            log.error(
+                "usage: more than %d records waiting; dropping new records until the writer "
+                "catches up",
+                self._limit,
+            )
+        elif overflow == self._overflow_seen and self._overflowing:
+            self._overflowing = False
+            log.warning("usage: no longer dropping records; %d dropped so far", overflow)
+        self._overflow_seen = overflow
