@@ -123,6 +123,7 @@ def _serve(ns: argparse.Namespace) -> int:
     from aiohttp import web
 
     from .app import build
+    from .runtime import STATE
 
     loop: asyncio.AbstractEventLoop | None = None
     try:
@@ -135,11 +136,14 @@ def _serve(ns: argparse.Namespace) -> int:
     app = build(config)
 
     async def on_startup(app: web.Application) -> None:
-        # Reloading the config is not implemented yet: SIGHUP must not kill the process.
-        asyncio.get_running_loop().add_signal_handler(
-            signal.SIGHUP,
-            lambda: log.warning("SIGHUP received: config reload is not supported yet"),
-        )
+        state = app[STATE]
+        reloading: list[asyncio.Future[bool]] = []
+
+        def reload() -> None:
+            log.info("SIGHUP: reloading %s", state.config.source)
+            reloading[:] = [asyncio.ensure_future(state.reload())]
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
         log.info(
             "gateway listening on http://%s:%d (config %s, %d models)",
             host,

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from . import handlers
+from .accesslog import ACCESS_LOG, AccessLog, access_log_ctx, timestamp
 from .config import Config
-from .errors import (
-    GatewayError,
-    MethodNotAllowed,
-    NotFound,
-    PayloadTooLarge,
-)
+from .errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from .exchange import EXCHANGE, Exchange
-from .runtime import RUNTIME, RuntimeHolder, runtime_ctx
+from .runtime import STATE, GatewayState, state_ctx
+from .usage import UsageRecord, cost_of
 
 log = logging.getLogger("gateway")
 
@@ -28,14 +27,25 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
+ENDPOINTS = {
+    "chat_completions": "chat",
+    "embeddings": "embeddings",
+    "image_generations": "images",
+    "audio_speech": "speech",
+    "list_models": "models",
+    "retrieve_model": "models",
+}
 
-def build(config: Config) -> web.Application:
+
+def build(config: Config, *, access_log: AccessLog | None = None) -> web.Application:
     app = web.Application(
         middlewares=[gateway_middleware],
         client_max_size=config.server.max_body_bytes,
     )
-    app[RUNTIME] = RuntimeHolder(config)
-    app.cleanup_ctx.append(runtime_ctx)
+    app[STATE] = GatewayState(config)
+    app[ACCESS_LOG] = access_log or AccessLog()
+    app.cleanup_ctx.append(state_ctx)
+    app.cleanup_ctx.append(access_log_ctx)
     app.on_response_prepare.append(_add_headers)
 
     for prefix in API_PREFIXES:
@@ -53,25 +63,94 @@ def build(config: Config) -> web.Application:
 
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, and every error as OpenAI's envelope."""
+    """Request id and runtime, every error as OpenAI's envelope, then usage and access log."""
+    state = request.app[STATE]
+    rt = state.runtime
+    rt.enter()
     client_id = request.headers.get("X-Request-Id")
     exchange = Exchange(
-        client_id if client_id and _CLIENT_REQUEST_ID.match(client_id) else _new_request_id()
+        client_id if client_id and _CLIENT_REQUEST_ID.match(client_id) else _new_request_id(),
+        rt,
+        request.remote or "",
     )
+    exchange.endpoint = ENDPOINTS.get(getattr(handler, "__name__", ""), "other")
     request[EXCHANGE] = exchange
     try:
-        response = await handler(request)
-    except GatewayError as e:
-        exchange.fail(e)
-        response = error_response(e)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        error = _from_http_exception(e)
-        exchange.fail(error)
-        response = error_response(error)
-    exchange.status = response.status
-    return response
+        try:
+            response = await handler(request)
+        except GatewayError as e:
+            exchange.fail(e)
+            response = error_response(e)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            error = _from_http_exception(e, rt.config)
+            exchange.fail(error)
+            response = error_response(error)
+        exchange.status = response.status
+        return response
+    except asyncio.CancelledError:
+        exchange.client_closed = True  # the client went away: its request is cancelled
+        raise
+    finally:
+        rt.leave()
+        _account(request, exchange, state)
+
+
+def _account(request: web.Request, exchange: Exchange, state: GatewayState) -> None:
+    """Record the request's usage and write its access log line."""
+    latency_ms = (time.perf_counter() - exchange.started) * 1000
+    ttft_ms = (exchange.first_byte_at - exchange.started) * 1000 if exchange.first_byte_at else None
+    usage = exchange.usage
+    deployment = exchange.deployment
+    cost = cost_of(deployment.model, usage) if deployment is not None else 0.0
+    status = exchange.status or (499 if exchange.client_closed else 500)
+    if exchange.key_id:
+        state.usage.record(
+            UsageRecord(
+                ts=exchange.ts,
+                request_id=exchange.request_id,
+                key_id=exchange.key_id,
+                client_ip=exchange.client_ip,
+                endpoint=exchange.endpoint,
+                model=exchange.model,
+                provider=deployment.provider.name if deployment else "",
+                upstream_model=deployment.upstream_model if deployment else "",
+                status=status,
+                outcome=exchange.outcome,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
+                cache_write_tokens=usage.cache_write_tokens,
+                reasoning_tokens=usage.reasoning_tokens,
+                cost=cost,
+                latency_ms=latency_ms,
+                ttft_ms=ttft_ms,
+                stream=exchange.stream,
+            )
+        )
+    request.app[ACCESS_LOG].write(
+        {
+            "ts": timestamp(exchange.ts),
+            "request_id": exchange.request_id,
+            "method": request.method,
+            "path": request.path,
+            "status": status,
+            "outcome": exchange.outcome,
+            "key_id": exchange.key_id or None,
+            "client_ip": exchange.client_ip,
+            "model": exchange.model or None,
+            "provider": deployment.provider.name if deployment else None,
+            "stream": exchange.stream,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "cost": cost,
+            "latency_ms": round(latency_ms, 2),
+            "ttft_ms": round(ttft_ms, 2) if ttft_ms is not None else None,
+            "attempts": exchange.attempts,
+            "fallbacks": exchange.fallbacks,
+        }
+    )
 
 
 def error_response(error: GatewayError) -> web.Response:
@@ -83,17 +162,19 @@ def error_response(error: GatewayError) -> web.Response:
     )
 
 
-def _from_http_exception(e: web.HTTPException) -> GatewayError:
+def _from_http_exception(e: web.HTTPException, config: Config) -> GatewayError:
     if isinstance(e, web.HTTPNotFound):
         return NotFound(
-            "Unknown endpoint. See GET /v1/models and the API reference.", code="unknown_endpoint"
+            "Unknown endpoint. See GET /v1/models and the API reference.",
+            code="unknown_endpoint",
         )
     if isinstance(e, web.HTTPMethodNotAllowed):
         allowed = ", ".join(sorted(e.allowed_methods))
         return MethodNotAllowed(f"Method not allowed; use {allowed}.", headers={"Allow": allowed})
     if isinstance(e, web.HTTPRequestEntityTooLarge):
         return PayloadTooLarge(
-            f"The request body is larger than the gateway accepts ({e.text or 'too large'})."
+            "The request body is larger than the gateway accepts "
+            f"({config.server.max_body_bytes} bytes)."
         )
     err = GatewayError(e.reason, code=None, status=e.status)
     err.type = "invalid_request_error" if e.status < 500 else "server_error"
@@ -102,8 +183,22 @@ def _from_http_exception(e: web.HTTPException) -> GatewayError:
 
 async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
     exchange = request.get(EXCHANGE)
-    if exchange is not None:
-        response.headers["X-Request-Id"] = exchange.request_id
+    if exchange is None:
+        return
+    headers = response.headers
+    headers["X-Request-Id"] = exchange.request_id
+    if exchange.deployment is not None:
+        headers["X-Gateway-Provider"] = exchange.deployment.provider.name
+    # the gateway's own time and the upstream's, so that operators can see the overhead
+    now = time.perf_counter()
+    if exchange.upstream_started:
+        upstream = (exchange.upstream_ended or now) - exchange.upstream_started
+        own = now - exchange.started - upstream
+        headers["Server-Timing"] = (
+            f"gateway;dur={own * 1000:.2f}, upstream;dur={upstream * 1000:.2f}"
+        )
+    else:
+        headers["Server-Timing"] = f"gateway;dur={(now - exchange.started) * 1000:.2f}"
 
 
 def _new_request_id() -> str:

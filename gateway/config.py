@@ -33,12 +33,27 @@ class ServerConfig:
     port: int = 8080
     # Largest accepted request body; bigger ones get 413 before they are read.
     max_body_bytes: int = 10 * 1024 * 1024
-    # Upstream timeouts in seconds: connecting, waiting for the response headers and (for
-    # streams) the longest silence between two chunks; non-stream responses must be complete
-    # within request_timeout. Providers may override request_timeout.
+    # Upstream timeouts, in seconds. connect: to open a connection. request: for a whole
+    # non-stream answer, and for the first token of a stream. idle: the longest silence
+    # inside a stream after its first token. stream: for a whole stream. Providers may
+    # override request_timeout and idle_timeout.
     connect_timeout: float = 10.0
     request_timeout: float = 60.0
-    # How long SIGTERM waits for in-flight requests before closing them.
+    idle_timeout: float = 60.0
+    stream_timeout: float = 900.0
+    # While a stream waits on its upstream, an SSE comment is sent this often so that load
+    # balancers and proxies do not drop the idle connection.
+    keepalive_interval: float = 15.0
+    # Retries of the same deployment on connection errors, 429 and 5xx, with exponential
+    # backoff (base seconds, full jitter) within the request timeout; never once a response
+    # has started reaching the client.
+    retries: int = 2
+    retry_backoff: float = 0.25
+    # A deployment failing this many times in a row is skipped for breaker_cooldown seconds,
+    # then tried again with one probe request.
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
+    # How long SIGTERM waits for requests in flight (streams included) before closing them.
     shutdown_timeout: float = 30.0
 
 
@@ -76,7 +91,17 @@ class ProviderConfig:
     # that one config file can list every provider an installation might use.
     headers: Mapping[str, str] = field(default_factory=dict)
     request_timeout: float | None = None
+    idle_timeout: float | None = None
     models: tuple[ModelConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AliasConfig:
+    # Model ids in order of preference: the next one serves when one fails.
+    models: tuple[str, ...]
+    # With weights, each request picks its first model at random in proportion to them
+    # (load balancing); the others stay its fallbacks.
+    weights: tuple[float, ...] = ()
 
 
 BudgetPeriod = Literal["day", "month", "total"]
@@ -160,8 +185,8 @@ class Config:
     storage: StorageConfig = StorageConfig()
     admin: AdminConfig = AdminConfig()
     providers: tuple[ProviderConfig, ...] = ()
-    # alias -> one model id or an ordered list of model ids (fallbacks in order)
-    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # alias -> a model id, a list of model ids (fallbacks in order), or {models, weights}
+    aliases: Mapping[str, AliasConfig] = field(default_factory=dict)
     limits: LimitsConfig = LimitsConfig()
     tiers: Mapping[str, TierConfig] = field(default_factory=dict)
     keys: tuple[KeyConfig, ...] = ()
@@ -196,10 +221,13 @@ def loads(text: str, *, source: str = "<string>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    # aliases may map to one string; normalise before the typed walk
+    # an alias may be one model id or a list of them; normalise before the typed walk
     aliases = data.get("aliases")
     if isinstance(aliases, dict):
-        data["aliases"] = {k: [v] if isinstance(v, str) else v for k, v in aliases.items()}
+        data["aliases"] = {
+            k: {"models": [v] if isinstance(v, str) else v} if isinstance(v, str | list) else v
+            for k, v in aliases.items()
+        }
     config: Config = _build(Config, data, "")
     config = dataclasses.replace(config, source=source)
     _check(config)
@@ -311,9 +339,21 @@ def _check(config: Config) -> None:
     for name in ("max_body_bytes",):
         if getattr(s, name) <= 0:
             raise ConfigError(f"server.{name}: must be greater than 0")
-    for name in ("connect_timeout", "request_timeout", "shutdown_timeout"):
+    for name in (
+        "connect_timeout",
+        "request_timeout",
+        "idle_timeout",
+        "stream_timeout",
+        "keepalive_interval",
+        "breaker_cooldown",
+        "shutdown_timeout",
+    ):
         if getattr(s, name) <= 0:
             raise ConfigError(f"server.{name}: must be greater than 0 seconds")
+    if s.retries < 0 or s.retry_backoff < 0:
+        raise ConfigError("server.retries and server.retry_backoff must not be negative")
+    if s.breaker_failures < 1:
+        raise ConfigError("server.breaker_failures: must be at least 1")
 
     seen_providers: set[str] = set()
     model_ids: set[str] = set()
@@ -332,8 +372,10 @@ def _check(config: Config) -> None:
             )
         if p.api_key and p.api_key_env:
             raise ConfigError(f"{where}: set api_key or api_key_env, not both")
-        if p.request_timeout is not None and p.request_timeout <= 0:
-            raise ConfigError(f"{where}.request_timeout: must be greater than 0 seconds")
+        for name in ("request_timeout", "idle_timeout"):
+            value = getattr(p, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{where}.{name}: must be greater than 0 seconds")
         if not p.models:
             raise ConfigError(f"{where}.models: a provider needs at least one model")
         seen_models: set[str] = set()
@@ -361,17 +403,22 @@ def _check(config: Config) -> None:
                 if v is not None and v <= 0:
                     raise ConfigError(f"{mwhere}.{name}: must be greater than 0")
 
-    for alias, targets in config.aliases.items():
+    for alias, spec in config.aliases.items():
+        where = f'aliases."{alias}"'
         if alias in model_ids:
-            raise ConfigError(f'aliases."{alias}": hides the model of the same id')
-        if not targets:
-            raise ConfigError(f'aliases."{alias}": needs at least one model id')
-        for t in targets:
+            raise ConfigError(f"{where}: hides the model of the same id")
+        if not spec.models:
+            raise ConfigError(f"{where}: needs at least one model id")
+        for t in spec.models:
             if t not in model_ids:
                 raise ConfigError(
-                    f'aliases."{alias}": "{t}" is not a configured model '
-                    '(use provider/model, e.g. "openai/gpt-4o")'
+                    f'{where}: "{t}" is not a configured model (use provider/model, e.g. '
+                    '"openai/gpt-4o")'
                 )
+        if spec.weights and (
+            len(spec.weights) != len(spec.models) or any(w <= 0 for w in spec.weights)
+        ):
+            raise ConfigError(f"{where}.weights: one positive weight per model")
 
     _check_limits(config)
 

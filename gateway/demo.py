@@ -58,6 +58,10 @@ class DemoResponse:
     def release(self) -> None:
         pass
 
+    def abort(self) -> None:
+        if not isinstance(self._body, bytes):
+            self._body = _nothing()
+
 
 class DemoUpstream:
     def __init__(self, provider: ProviderConfig) -> None:
@@ -80,6 +84,11 @@ class DemoUpstream:
         if call.path == "/audio/speech":
             return _speech(body)
         return _error(404, f"The demo provider has no {call.path} endpoint.")
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""  # an empty async generator
 
 
 def _error(status: int, message: str, param: str | None = None) -> DemoResponse:

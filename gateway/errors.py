@@ -18,6 +18,8 @@ class GatewayError(Exception):
     status = 500
     type = "server_error"
     code: str | None = "internal_error"
+    # Whether trying again (later, or at another deployment) may succeed.
+    retryable = False
 
     def __init__(
         self,
@@ -36,6 +38,11 @@ class GatewayError(Exception):
         if status is not None:
             self.status = status
         self.headers: dict[str, str] = dict(headers or {})
+
+    @property
+    def may_fall_back(self) -> bool:
+        """Whether another deployment may serve the request this one failed."""
+        return self.retryable or self.status >= 500
 
     def envelope(self) -> dict[str, dict[str, str | None]]:
         return {
@@ -101,6 +108,7 @@ class RateLimited(GatewayError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+    retryable = True
 
 
 class QuotaExceeded(GatewayError):
@@ -115,18 +123,21 @@ class UpstreamError(GatewayError):
     status = 502
     type = "server_error"
     code = "upstream_error"
+    retryable = True
 
 
 class ServiceUnavailable(GatewayError):
     status = 503
     type = "server_error"
     code = "service_unavailable"
+    retryable = True
 
 
 class UpstreamTimeout(GatewayError):
     status = 504
     type = "server_error"
     code = "timeout"
+    retryable = True
 
 
 # An upstream error status is passed to the client unchanged when the OpenAI SDKs know it;
@@ -162,10 +173,12 @@ def from_upstream(
     that its own key was refused.
     """
     if status in (401, 403):
-        return UpstreamError(
+        err: GatewayError = UpstreamError(
             f"provider '{provider}' rejected the gateway's credentials (HTTP {status})",
             code="upstream_auth_failed",
         )
+        err.retryable = False  # another try will not fix the operator's key
+        return err
     if status == 529:  # Anthropic: overloaded
         status = 503
     if status >= 500:
@@ -173,6 +186,7 @@ def from_upstream(
             status, UpstreamError
         )
         err = cls(message or f"provider '{provider}' failed (HTTP {status})", code=code)
+        err.retryable = True
         if status not in _PASSED_THROUGH or status == 500:
             err.status = 502
         if retry_after:
@@ -184,6 +198,7 @@ def from_upstream(
     err.status = status
     err.type = type_ or _TYPE_BY_STATUS.get(status, "invalid_request_error")
     err.code = code if code is not None else ("rate_limit_exceeded" if status == 429 else None)
+    err.retryable = status in (408, 409, 429)
     if retry_after:
         err.headers["Retry-After"] = retry_after
     return err

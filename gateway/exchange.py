@@ -1,7 +1,7 @@
 """What the gateway knows about one request while it runs: who, which model, timings, usage.
 
-The middleware creates it; the handler fills it in; logging and usage accounting read it when
-the response is done.
+The middleware creates it; the handler fills it in; the usage record, the access log line and
+the timing headers are made from it when the response is done.
 """
 
 from __future__ import annotations
@@ -11,54 +11,76 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .translate.base import Usage
+
 if TYPE_CHECKING:
     from .errors import GatewayError
     from .router import Deployment
-    from .translate.base import Usage
+    from .runtime import Runtime
 
 
 class Exchange:
     __slots__ = (
+        "attempts",
         "client_closed",
+        "client_ip",
         "deployment",
+        "endpoint",
         "error_code",
+        "fallbacks",
         "first_byte_at",
         "key_id",
         "model",
         "request_id",
+        "runtime",
         "started",
         "status",
+        "stream",
+        "ts",
         "upstream_ended",
         "upstream_started",
         "usage",
     )
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, runtime: Runtime, client_ip: str) -> None:
         self.request_id = request_id
+        self.runtime = runtime  # the config this request runs on, to its end
+        self.client_ip = client_ip
+        self.ts = time.time()
         self.started = time.perf_counter()
-        self.key_id: str | None = None
-        self.model: str | None = None  # as the client asked for it
-        self.deployment: Deployment | None = None
+        self.endpoint = ""
+        self.stream = False
+        self.key_id = ""
+        self.model = ""  # as the client asked for it
+        self.deployment: Deployment | None = None  # the one that served, or was tried last
         self.status = 0
-        self.usage: Usage | None = None
+        self.usage = Usage()
         self.error_code: str | None = None
         self.client_closed = False
+        self.attempts = 0  # upstream requests made, retries and fallbacks included
+        self.fallbacks = 0
         self.upstream_started = 0.0
         self.upstream_ended = 0.0
-        self.first_byte_at = 0.0  # when the first streamed byte went to the client
+        self.first_byte_at = 0.0  # when the first streamed content went to the client
 
-    def start_upstream(self, requested: str, deployment: Deployment) -> None:
-        self.model = requested
+    def start_upstream(self, deployment: Deployment) -> None:
         self.deployment = deployment
-        self.upstream_started = time.perf_counter()
+        if not self.upstream_started:
+            self.upstream_started = time.perf_counter()
 
     def end_upstream(self) -> None:
-        if self.upstream_ended == 0.0:
+        if not self.upstream_ended:
             self.upstream_ended = time.perf_counter()
 
     def fail(self, error: GatewayError) -> None:
-        self.error_code = error.code
+        self.error_code = error.code or error.type
         self.end_upstream()
+
+    @property
+    def outcome(self) -> str:
+        if self.client_closed:
+            return "client_closed"
+        return self.error_code or "ok"
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)

@@ -1,13 +1,14 @@
 """One coroutine per endpoint; each reads top to bottom as the request path.
 
-authenticate -> parse and check the body -> route the model -> translate -> send upstream ->
-return the response or pipe the stream. Errors are raised as ``GatewayError`` and turned into
-OpenAI's envelope by the middleware in ``app.py``.
+authenticate -> parse and check the body -> route the model -> forward: for each deployment in
+order (fallbacks are this loop), translate, send with retries, and return the answer or pipe
+the stream. Errors are raised as ``GatewayError`` and turned into OpenAI's envelope by the
+middleware in ``app.py``, which also records usage and logs the request.
 """
 
 from __future__ import annotations
 
-import time
+import asyncio
 from typing import TYPE_CHECKING
 
 import orjson
@@ -16,59 +17,61 @@ from aiohttp import web
 from . import validate
 from .auth import Principal
 from .catalog import model_list, model_object
-from .errors import GatewayError, ModelNotFound, UnsupportedMediaType
+from .errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+)
 from .exchange import EXCHANGE, Exchange
-from .runtime import RUNTIME, Runtime
-from .translate.base import Endpoint, StreamInterrupted, Translator, translator_for
-from .translate.sse import encode
+from .resilience import Breaker, parse_retry_after, weighted_order
+from .runtime import STATE, Runtime
+from .streaming import StreamTimeouts, StreamWatch, pipe, prepare_sse
+from .translate.base import Endpoint, Translator, UpstreamCall, translator_for
+from .translate.sse import KEEPALIVE, encode
 
 if TYPE_CHECKING:
-    from .router import Route
+    from .router import Deployment, Route
     from .schema.openai import JSONObject
     from .upstream import UpstreamResponse
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME].current  # this request runs on this config to its end
-    principal = authenticate(request, rt)
+    rt, principal = authenticate(request)
     body = validate.chat_request(await read_json(request))
     route = rt.router.resolve(body["model"], principal, "chat")
     return await forward(request, rt, route, dict(body), "chat")
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME].current
-    principal = authenticate(request, rt)
+    rt, principal = authenticate(request)
     body = validate.embedding_request(await read_json(request))
     route = rt.router.resolve(body["model"], principal, "embeddings")
     return await forward(request, rt, route, dict(body), "embeddings")
 
 
 async def image_generations(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME].current
-    principal = authenticate(request, rt)
+    rt, principal = authenticate(request)
     body = validate.image_request(await read_json(request))
     route = rt.router.resolve(body["model"], principal, "images")
     return await forward(request, rt, route, body, "images")
 
 
 async def audio_speech(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME].current
-    principal = authenticate(request, rt)
+    rt, principal = authenticate(request)
     body = validate.speech_request(await read_json(request))
     route = rt.router.resolve(body["model"], principal, "speech")
     return await forward(request, rt, route, body, "speech")
 
 
 async def list_models(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME].current
-    principal = authenticate(request, rt)
+    rt, principal = authenticate(request)
     return json_response(model_list(rt.router, principal, request.query))
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME].current
-    principal = authenticate(request, rt)
+    rt, principal = authenticate(request)
     name = request.match_info["model"]
     found = model_object(rt.router, principal, name)
     if found is None:
@@ -79,86 +82,188 @@ async def retrieve_model(request: web.Request) -> web.Response:
 async def forward(
     request: web.Request, rt: Runtime, route: Route, body: JSONObject, endpoint: Endpoint
 ) -> web.StreamResponse:
-    """Send the request to the route's deployment and answer with what comes back."""
+    """Try the route's deployments in order until one answers; stream or return its answer."""
     exchange = request[EXCHANGE]
-    deployment = route.deployments[0]
-    translator = translator_for(deployment, endpoint, route.requested)
-    call = translator.request(body)
-    exchange.start_upstream(route.requested, deployment)
+    exchange.model = route.requested
+    exchange.stream = body.get("stream") is True or endpoint == "speech"
+    if exchange.stream:
+        return await forward_stream(request, rt, route, body, endpoint, exchange)
+    upstream, translator, _ = await open_upstream(request, rt, route, body, endpoint, exchange)
     try:
-        upstream = await rt.upstreams[deployment.provider.name].send(call)
-        try:
-            if upstream.status >= 400:
-                raw = await upstream.read()
-                raise translator.response_error(upstream.status, raw, upstream.headers)
-            if call.stream:
-                return await pipe(request, upstream, translator, endpoint, exchange)
-            answer = translator.response_body(await upstream.read())
-            exchange.end_upstream()
-            return web.Response(body=answer, content_type="application/json")
-        finally:
-            upstream.release()
+        answer = translator.response_body(await upstream.read())
     finally:
+        upstream.release()
         exchange.usage = translator.usage
+    exchange.end_upstream()
+    return web.Response(body=answer, content_type="application/json")
 
 
-async def pipe(
+async def forward_stream(
     request: web.Request,
-    upstream: UpstreamResponse,
-    translator: Translator,
+    rt: Runtime,
+    route: Route,
+    body: JSONObject,
     endpoint: Endpoint,
     exchange: Exchange,
 ) -> web.StreamResponse:
-    """Pass the upstream's stream to the client chunk by chunk, as each chunk arrives.
-
-    Once the first byte is out the status is sent, so a failure from here on reaches the
-    client as an error event in OpenAI's shape (SSE) or as a cut connection (binary audio).
-    """
-    sse = endpoint == "chat"
-    media_type = (
-        "text/event-stream"
-        if sse
-        else upstream.headers.get("Content-Type", "application/octet-stream")
-    )
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": media_type,
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # asks nginx-style proxies not to buffer the stream
-        }
-    )
-    await response.prepare(request)
+    """Like `forward`, for answers that are piped. If the upstream takes long to answer at
+    all, the client's stream starts early with keep-alive comments, so that proxies do not
+    cut the connection; from then on, errors reach the client as an error event."""
+    s = rt.config.server
+    opening = asyncio.ensure_future(open_upstream(request, rt, route, body, endpoint, exchange))
+    response: web.StreamResponse | None = None
     try:
-        async for chunk in upstream.chunks():
-            out = translator.response_chunk(chunk)
-            if out:
-                if not exchange.first_byte_at:
-                    exchange.first_byte_at = time.perf_counter()
-                await response.write(out)
-        out = translator.response_end()
-        if out:
-            await response.write(out)
-    except (GatewayError, StreamInterrupted) as e:
-        partial, error = (e.partial, e.error) if isinstance(e, StreamInterrupted) else (b"", e)
-        exchange.fail(error)
-        if not sse:
-            # nothing can be said inside an audio body: cut the connection
-            if request.transport is not None:
-                request.transport.close()
+        while not opening.done():
+            await asyncio.wait((opening,), timeout=s.keepalive_interval)
+            if not opening.done() and endpoint == "chat":
+                if response is None:
+                    response = await prepare_sse(request)
+                await response.write(KEEPALIVE)
+        try:
+            upstream, translator, deployment = opening.result()
+        except GatewayError as e:
+            if response is None:
+                raise
+            exchange.fail(e)
+            await response.write(encode(e.body()))
+            await response.write_eof()
             return response
-        await response.write(partial + encode(error.body()))
-    except ConnectionResetError:
-        exchange.client_closed = True
-        return response
-    exchange.end_upstream()
-    await response.write_eof()
-    return response
+    finally:
+        if not opening.done():
+            opening.cancel()
+    p = deployment.provider
+    sse = endpoint == "chat"
+    watch: StreamWatch | None = None
+    try:
+        if sse:
+            if response is None:
+                response = await prepare_sse(request)
+            timeouts = StreamTimeouts(
+                first_token=p.request_timeout or s.request_timeout,
+                idle=p.idle_timeout or s.idle_timeout,
+                total=s.stream_timeout,
+                keepalive=s.keepalive_interval,
+            )
+            watch = StreamWatch(response, timeouts, p.name, upstream)
+        return await pipe(request, response, upstream, translator, exchange, watch, sse)
+    finally:
+        if watch is not None:
+            watch.stop()
+        upstream.release()
+        exchange.usage = translator.usage
 
 
-def authenticate(request: web.Request, rt: Runtime) -> Principal:
+async def open_upstream(
+    request: web.Request,
+    rt: Runtime,
+    route: Route,
+    body: JSONObject,
+    endpoint: Endpoint,
+    exchange: Exchange,
+) -> tuple[UpstreamResponse, Translator, Deployment]:
+    """The first deployment of the route that answers without error, with its translator.
+
+    Deployments whose breaker is open are skipped; a deployment that cannot express the
+    request (a translation 400) or fails in a retryable way hands over to the next one.
+    """
+    state = request.app[STATE]
+    deployments = route.deployments
+    weights = rt.router.weights.get(route.requested)
+    if weights:
+        deployments = tuple(weighted_order(deployments, weights))
+    failure: GatewayError | None = None
+    for position, deployment in enumerate(deployments):
+        breaker = state.breakers[deployment.id]
+        if not breaker.allow():
+            failure = failure or ServiceUnavailable(
+                f"'{deployment.id}' is failing and paused (circuit open); try again shortly.",
+                code="circuit_open",
+            )
+            continue
+        # a fallback says which model answered, in `model` as in X-Gateway-Provider
+        answering_as = route.requested if position == 0 else deployment.id
+        try:
+            translator = translator_for(deployment, endpoint, answering_as)
+            call = translator.request(body)
+        except InvalidRequest as e:
+            breaker.released()
+            failure = failure or e
+            continue
+        exchange.start_upstream(deployment)
+        if position:
+            exchange.fallbacks += 1
+        try:
+            upstream = await send(rt, deployment, call, translator, breaker, exchange)
+        except GatewayError as e:
+            if not e.may_fall_back:
+                raise
+            failure = e
+            continue
+        return upstream, translator, deployment
+    raise failure or ServiceUnavailable("No deployment could serve the request.")
+
+
+async def send(
+    rt: Runtime,
+    deployment: Deployment,
+    call: UpstreamCall,
+    translator: Translator,
+    breaker: Breaker,
+    exchange: Exchange,
+) -> UpstreamResponse:
+    """Send one call to one deployment, retrying connection errors, 429 and 5xx with
+    exponential backoff and full jitter (honouring Retry-After) within the request timeout."""
+    s = rt.config.server
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (deployment.provider.request_timeout or s.request_timeout)
+    upstream_client = rt.upstreams[deployment.provider.name]
+    attempt = 0
+    settled = False
+    try:
+        while True:
+            exchange.attempts += 1
+            retry_after: float | None = None
+            try:
+                upstream = await upstream_client.send(call)
+            except GatewayError as e:
+                error = e
+            else:
+                if upstream.status < 400:
+                    breaker.succeeded()
+                    settled = True
+                    return upstream
+                try:
+                    raw = await upstream.read()
+                finally:
+                    upstream.release()
+                error = translator.response_error(upstream.status, raw, upstream.headers)
+                retry_after = parse_retry_after(upstream.headers.get("Retry-After"))
+            if error.status >= 500:
+                breaker.failed()
+            else:
+                breaker.succeeded()  # the provider is up; it refused this request
+            settled = True
+            if not error.retryable or attempt >= s.retries:
+                raise error
+            delay = rt.backoff.delay(attempt, retry_after)
+            if loop.time() + delay >= deadline:
+                raise error
+            await asyncio.sleep(delay)
+            attempt += 1
+            if not breaker.allow():
+                raise error
+            settled = False
+    finally:
+        if not settled:
+            breaker.released()
+
+
+def authenticate(request: web.Request) -> tuple[Runtime, Principal]:
+    exchange = request[EXCHANGE]
+    rt = exchange.runtime
     principal = rt.keys.authenticate(request.headers)
-    request[EXCHANGE].key_id = principal.key_id
-    return principal
+    exchange.key_id = principal.key_id
+    return rt, principal
 
 
 async def read_json(request: web.Request) -> JSONObject:

@@ -41,10 +41,14 @@ class Router:
                 dep = Deployment(f"{provider.name}/{model.id}", provider, model)
                 self.models[dep.id] = dep
         self.aliases: dict[str, tuple[Deployment, ...]] = {}
-        for alias, targets in config.aliases.items():
-            deps = tuple(self.models[t] for t in targets if t in self.models)
-            if deps:  # an alias whose every provider is disabled does not exist
-                self.aliases[alias] = deps
+        self.weights: dict[str, tuple[float, ...]] = {}
+        for alias, spec in config.aliases.items():
+            active = [i for i, t in enumerate(spec.models) if t in self.models]
+            if not active:  # an alias whose every provider is disabled does not exist
+                continue
+            self.aliases[alias] = tuple(self.models[spec.models[i]] for i in active)
+            if spec.weights:
+                self.weights[alias] = tuple(spec.weights[i] for i in active)
 
     def resolve(self, name: str, principal: Principal, capability: str) -> Route:
         """The deployments for a model id or alias that this principal may use.

@@ -30,6 +30,9 @@ class UpstreamResponse(Protocol):
 
     def release(self) -> None: ...
 
+    def abort(self) -> None:
+        """Drop the connection now: a pending read ends with an error."""
+
 
 class Upstream(Protocol):
     name: str
@@ -66,11 +69,16 @@ class HTTPUpstream:
         timeout = provider.request_timeout or server.request_timeout
         # Whole non-stream responses must arrive within the timeout; streams may run longer
         # but never stay silent for longer than it (sock_read also bounds the wait for headers).
+        idle = provider.idle_timeout or server.idle_timeout
         self._timeout_whole = aiohttp.ClientTimeout(
             total=timeout, sock_connect=server.connect_timeout, sock_read=timeout
         )
+        # Streams are timed by the gateway's stream watch (first token, idle, total); these
+        # are the outer bounds that hold even if the watch is not running.
         self._timeout_stream = aiohttp.ClientTimeout(
-            total=None, sock_connect=server.connect_timeout, sock_read=timeout
+            total=server.stream_timeout + 1,
+            sock_connect=server.connect_timeout,
+            sock_read=max(timeout, idle) + 1,
         )
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
@@ -136,6 +144,11 @@ class _HTTPResponse:
             try:
                 chunk = await content.readany()
             except (TimeoutError, aiohttp.ClientError) as e:
+                # aiohttp drops what it buffered before the connection broke; hand it on
+                # first, so that the client gets every byte that did arrive
+                rest = _buffered(content)
+                if rest:
+                    yield rest
                 raise self._upstream._error(e) from e
             if not chunk:
                 return
@@ -148,6 +161,19 @@ class _HTTPResponse:
             self._resp.release()
         else:
             self._resp.close()
+
+    def abort(self) -> None:
+        self._resp.close()
+
+
+def _buffered(content: aiohttp.StreamReader) -> bytes:
+    try:
+        buffer = content._buffer  # no public way to read past a stored exception
+        data = b"".join(buffer)[content._buffer_offset :]
+    except AttributeError:  # pragma: no cover - a different aiohttp
+        return b""
+    buffer.clear()
+    return data
 
 
 def make_upstream(provider: ProviderConfig, api_key: str | None, server: ServerConfig) -> Upstream:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -8,6 +9,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway import config as config_module
+from gateway.accesslog import AccessLog
 from gateway.app import build
 from gateway.auth import hash_key, new_key
 
@@ -31,10 +33,19 @@ class Fakes:
         return [self.openai, self.anthropic, self.gemini]
 
 
-def gateway_toml(urls: dict[str, str], extra: str = "", server: str = "request_timeout = 5") -> str:
+def gateway_toml(
+    urls: dict[str, str],
+    extra: str = "",
+    server: str = "request_timeout = 5\nretries = 0",
+    db: str = "gateway-test.db",
+) -> str:
     return f"""
 [server]
 {server}
+
+[storage]
+path = "{db}"
+flush_interval = 0.05
 
 [[providers]]
 name = "openai"
@@ -155,12 +166,12 @@ async def fakes(aiohttp_server) -> AsyncIterator[Fakes]:  # type: ignore[no-unty
 
 
 @pytest.fixture
-async def make_gateway(aiohttp_server, fakes: Fakes) -> AsyncIterator[MakeGateway]:  # type: ignore[no-untyped-def]
+async def make_gateway(aiohttp_server, fakes: Fakes, tmp_path) -> AsyncIterator[MakeGateway]:  # type: ignore[no-untyped-def]
     made: list[Gateway] = []
 
     async def make(
         extra: str = "",
-        server: str = "request_timeout = 5",
+        server: str = "request_timeout = 5\nretries = 0",
         toml: str | None = None,
         openai_url: str | None = None,
     ) -> Gateway:
@@ -168,15 +179,18 @@ async def make_gateway(aiohttp_server, fakes: Fakes) -> AsyncIterator[MakeGatewa
         urls = dict(fakes.urls)
         if openai_url:
             urls["openai"] = openai_url
-        text = toml if toml is not None else gateway_toml(urls, extra, server)
-        config = config_module.loads(text)
-        app_server = await aiohttp_server(build(config))
+        db = tmp_path / f"usage-{len(made)}.db"
+        text = toml if toml is not None else gateway_toml(urls, extra, server, str(db))
+        config = config_module.loads(text, source=str(tmp_path / "gateway.toml"))
+        app_server = await aiohttp_server(build(config, access_log=AccessLog(devnull)))
         made.append(Gateway(app_server, fakes))
         return made[-1]
 
+    devnull = os.open(os.devnull, os.O_WRONLY)
     yield make
     for gw in made:
         await gw.close_clients()
+    os.close(devnull)
 
 
 @pytest.fixture

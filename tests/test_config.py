@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load, loads
+from gateway.config import AliasConfig, ConfigError, load, loads
 from gateway.router import Router
 
 ROOT = Path(__file__).parent.parent
@@ -103,5 +103,15 @@ def test_provider_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_alias_may_be_a_string_or_a_list(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GW_TEST_OPENAI_KEY", "sk")
-    config = loads(MINIMAL + '[aliases]\n"a" = "openai/gpt-4o"\n"b" = ["openai/gpt-4o"]\n')
-    assert config.aliases == {"a": ("openai/gpt-4o",), "b": ("openai/gpt-4o",)}
+    config = loads(
+        MINIMAL
+        + '[aliases]\n"a" = "openai/gpt-4o"\n"b" = ["openai/gpt-4o"]\n'
+        + '"c" = { models = ["openai/gpt-4o"], weights = [2] }\n'
+    )
+    assert config.aliases == {
+        "a": AliasConfig(("openai/gpt-4o",)),
+        "b": AliasConfig(("openai/gpt-4o",)),
+        "c": AliasConfig(("openai/gpt-4o",), (2.0,)),
+    }
+    with pytest.raises(ConfigError, match="one positive weight per model"):
+        loads(MINIMAL + '[aliases]\n"c" = { models = ["openai/gpt-4o"], weights = [1, 2] }\n')

@@ -19,7 +19,8 @@ DEMO_KEY = "gw-demo-not-a-secret"  # the key the README and config.example.toml 
 
 
 @pytest.fixture
-async def example(aiohttp_server, monkeypatch: pytest.MonkeyPatch) -> TestServer:  # type: ignore[no-untyped-def]
+async def example(aiohttp_server, monkeypatch: pytest.MonkeyPatch, tmp_path) -> TestServer:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)  # the example config keeps its usage database in the cwd
     for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "MISTRAL_API_KEY"):
         monkeypatch.delenv(var, raising=False)
     return await aiohttp_server(build(load(ROOT / "config.example.toml")))

@@ -282,9 +282,11 @@ def _error(
     elif etype == "overloaded_error":
         code = "service_unavailable"
     if status == 402:  # the operator's Anthropic account, not the client's problem
-        return UpstreamError(
+        billing = UpstreamError(
             f"provider '{provider}' refused the request: {message}", code="upstream_billing"
         )
+        billing.retryable = False
+        return billing
     return from_upstream(
         status,
         message,

@@ -1,0 +1,80 @@
+"""The access log: one JSON line per request on stderr (where journald keeps it).
+
+Lines are built on the request path but written by a background task in batches, so that a
+slow stderr (a full pipe to journald) never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import orjson
+from aiohttp import web
+
+FLUSH_INTERVAL = 0.2
+MAX_BUFFERED = 10_000  # lines; past it the oldest are dropped and counted
+
+
+class AccessLog:
+    def __init__(self, fd: int | None = None) -> None:
+        self._fd = sys.stderr.fileno() if fd is None else fd
+        self._lines: list[bytes] = []
+        self.dropped = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def write(self, entry: dict[str, object]) -> None:
+        if len(self._lines) >= MAX_BUFFERED:
+            self._lines.pop(0)
+            self.dropped += 1
+        self._lines.append(orjson.dumps(entry) + b"\n")
+
+    async def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._flush_now()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            if self._lines:
+                data, self._lines = b"".join(self._lines), []
+                await loop.run_in_executor(None, self._write_all, data)
+
+    def _flush_now(self) -> None:
+        if self._lines:
+            data, self._lines = b"".join(self._lines), []
+            self._write_all(data)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError:
+            self.dropped += 1  # stderr is gone; nothing else can be done with the line
+
+
+def timestamp(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
+
+
+async def access_log_ctx(app: web.Application) -> AsyncIterator[None]:
+    log = app[ACCESS_LOG]
+    await log.start()
+    yield
+    await log.close()

@@ -1,0 +1,134 @@
+"""Staying up when upstreams misbehave: circuit breakers, retry backoff, deployment order.
+
+A ``Breaker`` per deployment counts consecutive failures (connection errors, timeouts, 5xx);
+past ``failures`` it opens and the deployment is skipped for ``cooldown`` seconds; then one
+probe request is let through (half-open): success closes it, failure opens it again.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+T = TypeVar("T")
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+class Breaker:
+    __slots__ = ("_clock", "_cooldown", "_limit", "_probing", "failures", "opened_at", "state")
+
+    def __init__(self, failures: int, cooldown: float, clock: Callable[[], float]) -> None:
+        self._limit = failures
+        self._cooldown = cooldown
+        self._clock = clock
+        self.state: BreakerState = "closed"
+        self.failures = 0
+        self.opened_at = 0.0
+        self._probing = False
+
+    def allow(self) -> bool:
+        """Whether a request may go to this deployment now (taking the probe if half-open)."""
+        if self.state == "closed":
+            return True
+        if self.state == "open":
+            if self._clock() - self.opened_at < self._cooldown:
+                return False
+            self.state = "half_open"
+            self._probing = False
+        if self._probing:
+            return False  # one probe at a time
+        self._probing = True
+        return True
+
+    def succeeded(self) -> None:
+        self.state = "closed"
+        self.failures = 0
+        self._probing = False
+
+    def failed(self) -> None:
+        self.failures += 1
+        if self.state == "half_open" or self.failures >= self._limit:
+            self.state = "open"
+            self.opened_at = self._clock()
+        self._probing = False
+
+    def released(self) -> None:
+        """The request that took the probe ended without telling (e.g. the client left)."""
+        self._probing = False
+
+
+class Breakers:
+    """One breaker per deployment id; they outlive config reloads."""
+
+    def __init__(
+        self, failures: int, cooldown: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._failures = failures
+        self._cooldown = cooldown
+        self._clock = clock
+        self._by_id: dict[str, Breaker] = {}
+
+    def reconfigure(self, failures: int, cooldown: float) -> None:
+        self._failures, self._cooldown = failures, cooldown
+        for b in self._by_id.values():
+            b._limit, b._cooldown = failures, cooldown
+
+    def __getitem__(self, deployment_id: str) -> Breaker:
+        breaker = self._by_id.get(deployment_id)
+        if breaker is None:
+            breaker = self._by_id[deployment_id] = Breaker(
+                self._failures, self._cooldown, self._clock
+            )
+        return breaker
+
+    def states(self) -> dict[str, BreakerState]:
+        # reading the state of an open breaker whose cooldown is over does not take the probe
+        return {k: b.state for k, b in sorted(self._by_id.items())}
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter: a random wait in [0, min(cap, base * 2**n))."""
+
+    base: float
+    cap: float
+    rand: Callable[[], float] = random.random
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        window = min(self.cap, self.base * (2**attempt))
+        wait = self.rand() * window
+        # the upstream knows best when it can take the request again
+        return float(max(wait, retry_after) if retry_after is not None else wait)
+
+
+def weighted_order(
+    items: Sequence[T], weights: Sequence[float], rand: Callable[[], float] = random.random
+) -> list[T]:
+    """`items` in a random order where each next item is drawn with probability proportional
+    to its weight: the first is the load-balanced choice, the rest are its fallbacks."""
+    pool = list(zip(items, weights, strict=True))
+    out: list[T] = []
+    while pool:
+        total = sum(w for _, w in pool)
+        point = rand() * total
+        for i, (item, weight) in enumerate(pool):
+            point -= weight
+            if point < 0 or i == len(pool) - 1:
+                out.append(item)
+                pool.pop(i)
+                break
+    return out
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta seconds; HTTP dates are not worth the wait)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None

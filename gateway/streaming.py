@@ -1,0 +1,187 @@
+"""Piping a stream to the client: translated chunk by chunk as it arrives, kept alive, timed.
+
+``StreamWatch`` is one timer per stream. It sends an SSE comment (``: keep-alive``) whenever
+the client has heard nothing for ``keepalive`` seconds, and ends the stream with an error
+event when the upstream misses its first token (``first_token``), goes silent mid-stream
+(``idle``) or runs past the whole-stream limit (``total``): it closes the upstream connection,
+which ends the read in ``pipe``, and ``pipe`` reports the timeout instead of the cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from .errors import GatewayError, UpstreamTimeout
+from .translate.base import StreamInterrupted, Translator
+from .translate.sse import KEEPALIVE, encode
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+    from .upstream import UpstreamResponse
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # asks nginx-style proxies not to buffer the stream
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTimeouts:
+    first_token: float
+    idle: float
+    total: float
+    keepalive: float
+
+
+class StreamWatch:
+    __slots__ = (
+        "_handle",
+        "_keepalive",
+        "_last_client",
+        "_last_upstream",
+        "_loop",
+        "_response",
+        "_started",
+        "_tick_every",
+        "_timeouts",
+        "_upstream",
+        "error",
+        "got_token",
+        "provider",
+    )
+
+    def __init__(
+        self,
+        response: web.StreamResponse,
+        timeouts: StreamTimeouts,
+        provider: str,
+        upstream: UpstreamResponse | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        now = self._loop.time()
+        self._started = self._last_client = self._last_upstream = now
+        self._response = response
+        self._upstream = upstream
+        self._timeouts = timeouts
+        self.provider = provider
+        self.got_token = False
+        self.error: GatewayError | None = None
+        self._keepalive: asyncio.Future[None] | None = None
+        smallest = min(timeouts.keepalive, timeouts.first_token, timeouts.idle)
+        self._tick_every = max(0.02, min(1.0, smallest / 4))
+        self._handle = self._loop.call_later(self._tick_every, self._tick)
+
+    def watch(self, upstream: UpstreamResponse) -> None:
+        self._upstream = upstream
+
+    def upstream_chunk(self) -> None:
+        self._last_upstream = self._loop.time()
+
+    def client_write(self) -> None:
+        self._last_client = self._loop.time()
+        self.got_token = True
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+    def _tick(self) -> None:
+        now = self._loop.time()
+        t = self._timeouts
+        if not self.got_token and now - self._started > t.first_token:
+            self._expire(f"sent no first token within {t.first_token:g} s")
+        elif self.got_token and now - self._last_upstream > t.idle:
+            self._expire(f"went silent for {t.idle:g} s in the middle of the stream")
+        elif now - self._started > t.total:
+            self._expire(f"did not finish the stream within {t.total:g} s")
+        else:
+            if now - self._last_client >= t.keepalive:
+                self._last_client = now
+                self._keepalive = asyncio.ensure_future(_write_quietly(self._response, KEEPALIVE))
+            self._handle = self._loop.call_later(self._tick_every, self._tick)
+
+    def _expire(self, what: str) -> None:
+        self.error = UpstreamTimeout(f"provider '{self.provider}' {what}", code="upstream_timeout")
+        if self._upstream is not None:
+            self._upstream.abort()
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+    # the client may have left or the stream ended meanwhile; pipe() notices on its own
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await response.write(data)
+
+
+async def prepare_sse(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    return response
+
+
+async def pipe(
+    request: web.Request,
+    response: web.StreamResponse | None,
+    upstream: UpstreamResponse,
+    translator: Translator,
+    exchange: Exchange,
+    watch: StreamWatch | None,
+    sse: bool,
+) -> web.StreamResponse:
+    """Pass the upstream's stream to the client, translated, as each chunk arrives.
+
+    Once the first byte is out the status is sent, so a failure from here on reaches the
+    client as an error event in OpenAI's shape (SSE) or as a cut connection (binary audio).
+    """
+    if response is None:
+        headers = (
+            SSE_HEADERS
+            if sse
+            else {
+                "Content-Type": upstream.headers.get("Content-Type", "application/octet-stream"),
+                "Cache-Control": "no-cache",
+            }
+        )
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+    if watch is not None:
+        watch.watch(upstream)
+    try:
+        async for chunk in upstream.chunks():
+            if watch is not None:
+                watch.upstream_chunk()
+            out = translator.response_chunk(chunk)
+            if out:
+                if not exchange.first_byte_at:
+                    exchange.first_byte_at = time.perf_counter()
+                await response.write(out)
+                if watch is not None:
+                    watch.client_write()
+        out = translator.response_end()
+        if out:
+            await response.write(out)
+    except (GatewayError, StreamInterrupted) as e:
+        partial, error = (e.partial, e.error) if isinstance(e, StreamInterrupted) else (b"", e)
+        if watch is not None and watch.error is not None:
+            partial, error = b"", watch.error  # the watch cut the upstream: say why
+        exchange.fail(error)
+        if not sse:
+            # nothing can be said inside an audio body: cut the connection
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write(partial + encode(error.body()))
+    except ConnectionResetError:
+        exchange.client_closed = True
+        return response
+    finally:
+        if watch is not None:
+            watch.stop()
+    exchange.end_upstream()
+    await response.write_eof()
+    return response
