@@ -12,6 +12,8 @@ from gateway import config as config_module
 from gateway.accesslog import AccessLog
 from gateway.app import build
 from gateway.auth import hash_key, new_key
+from gateway.runtime import STATE, GatewayState
+from gateway.usage import UsageRecord, UsageStore
 
 from .fakes.anthropic_upstream import FakeAnthropic
 from .fakes.base import UPSTREAM_KEY, FakeUpstream
@@ -141,6 +143,15 @@ class Gateway:
         client = openai.AsyncOpenAI(base_url=self.base_url, api_key=key, **kw)  # type: ignore[arg-type]
         self.clients.append(client)
         return client
+
+    @property
+    def state(self) -> GatewayState:
+        return self.server.app[STATE]
+
+    async def records(self) -> list[UsageRecord]:
+        """Every usage record so far (after flushing the write-behind queue)."""
+        assert await self.state.usage.flush()
+        return await self.state.usage.call(UsageStore.records)
 
     async def close_clients(self) -> None:
         for client in self.clients:

@@ -1,0 +1,376 @@
+"""Upstreams that misbehave: retries, fallbacks, breakers, timeouts, keep-alives, disconnects.
+
+Each test asserts what the client sees, how many upstream attempts were made, and what the
+usage store recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from .conftest import CLIENT_KEY, Fakes, Gateway, MakeGateway
+from .fakes.anthropic_upstream import anthropic_error
+from .fakes.base import UPSTREAM_KEY, fixture_bytes, sse_events
+from .streams import post_raw
+
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+FALLBACK = """
+[aliases.resilient]
+models = ["openai/gpt-4o", "anthropic/claude-haiku"]
+"""
+RETRYING = "request_timeout = 5\nretries = 2\nretry_backoff = 0.01"
+OVERLOADED = {
+    "error": {"message": "overloaded", "type": "server_error", "param": None, "code": None}
+}
+
+
+def dead_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+async def test_retries_5xx_then_succeeds(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(server=RETRYING)
+    gateway.fake.next_json(503, OVERLOADED)
+    gateway.fake.next_json(502, OVERLOADED)
+    answer = await gateway.aclient().chat.completions.create(
+        model="openai/gpt-4o", messages=MESSAGES
+    )
+    assert answer.choices[0].message.content
+    assert len(gateway.fake.requests) == 3
+    [record] = await gateway.records()
+    assert (record.status, record.outcome, record.provider) == (200, "ok", "openai")
+
+
+async def test_gives_up_after_the_configured_retries(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(server=RETRYING)
+    for _ in range(3):
+        gateway.fake.next_json(503, OVERLOADED)
+    with pytest.raises(openai.InternalServerError) as caught:
+        await gateway.aclient().chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    assert caught.value.status_code == 503
+    assert len(gateway.fake.requests) == 3
+    [record] = await gateway.records()
+    assert (record.status, record.outcome) == (503, "service_unavailable")
+
+
+async def test_client_errors_are_not_retried(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(server=RETRYING)
+    gateway.fake.next_json(
+        400,
+        {"error": {"message": "bad", "type": "invalid_request_error", "param": "x", "code": None}},
+    )
+    with pytest.raises(openai.BadRequestError):
+        await gateway.aclient().chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    assert len(gateway.fake.requests) == 1
+
+
+async def test_retry_after_is_honoured(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(server=RETRYING)
+    gateway.fake.next_json(
+        429,
+        {
+            "error": {
+                "message": "slow down",
+                "type": "requests",
+                "param": None,
+                "code": "rate_limit_exceeded",
+            }
+        },
+        headers={"Retry-After": "1"},
+    )
+    started = time.monotonic()
+    answer = await gateway.aclient().chat.completions.create(
+        model="openai/gpt-4o", messages=MESSAGES
+    )
+    assert time.monotonic() - started >= 1.0
+    assert answer.choices[0].message.content
+    assert len(gateway.fake.requests) == 2
+
+
+async def test_retry_after_beyond_the_deadline_is_passed_to_the_client(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway(server=RETRYING)
+    gateway.fake.next_json(
+        429,
+        {
+            "error": {
+                "message": "slow down",
+                "type": "requests",
+                "param": None,
+                "code": "rate_limit_exceeded",
+            }
+        },
+        headers={"Retry-After": "30"},
+    )
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as caught:
+        await gateway.aclient().chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    assert time.monotonic() - started < 2
+    assert caught.value.response.headers["retry-after"] == "30"
+    assert len(gateway.fake.requests) == 1
+
+
+async def test_fallback_to_the_next_deployment(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(extra=FALLBACK, server=RETRYING)
+    for _ in range(3):
+        gateway.fake.next_json(500, OVERLOADED)
+    raw = await gateway.aclient().chat.completions.with_raw_response.create(
+        model="resilient", messages=MESSAGES
+    )
+    answer = raw.parse()
+    assert raw.headers["x-gateway-provider"] == "anthropic"
+    assert answer.model == "anthropic/claude-haiku"  # the model that served it
+    assert len(gateway.fake.requests) == 3
+    assert len(gateway.anthropic.requests) == 1
+    [record] = await gateway.records()
+    assert (record.model, record.provider, record.status) == ("resilient", "anthropic", 200)
+
+
+async def test_first_deployment_answers_as_the_requested_name(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(extra=FALLBACK)
+    raw = await gateway.aclient().chat.completions.with_raw_response.create(
+        model="resilient", messages=MESSAGES
+    )
+    assert raw.parse().model == "resilient"
+    assert raw.headers["x-gateway-provider"] == "openai"
+    assert raw.headers["server-timing"].startswith("gateway;dur=")
+    assert ", upstream;dur=" in raw.headers["server-timing"]
+
+
+async def test_unreachable_provider_falls_back(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(extra=FALLBACK, server=RETRYING, openai_url=dead_url())
+    answer = await gateway.aclient().chat.completions.create(model="resilient", messages=MESSAGES)
+    assert answer.model == "anthropic/claude-haiku"
+    assert gateway.state.breakers["openai/gpt-4o"].failures == 3
+
+
+async def test_breaker_opens_skips_and_probes(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(
+        extra=FALLBACK, server="retries = 0\nbreaker_failures = 2\nbreaker_cooldown = 0.3"
+    )
+    client = gateway.aclient()
+    for _ in range(2):
+        gateway.fake.next_json(500, OVERLOADED)
+        answer = await client.chat.completions.create(model="resilient", messages=MESSAGES)
+        assert answer.model == "anthropic/claude-haiku"
+    assert gateway.state.breakers.states()["openai/gpt-4o"] == "open"
+    # open: openai is not even tried
+    await client.chat.completions.create(model="resilient", messages=MESSAGES)
+    assert len(gateway.fake.requests) == 2
+    with pytest.raises(openai.InternalServerError) as caught:
+        await client.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    assert caught.value.code == "circuit_open"
+    await asyncio.sleep(0.35)
+    # half-open: one probe goes through, succeeds, and closes the breaker
+    answer = await client.chat.completions.create(model="resilient", messages=MESSAGES)
+    assert answer.model == "resilient"
+    assert len(gateway.fake.requests) == 3
+    assert gateway.state.breakers.states()["openai/gpt-4o"] == "closed"
+
+
+async def test_weighted_balancing(make_gateway: MakeGateway, fakes: Fakes) -> None:
+    extra = f"""
+[[providers]]
+name = "openai-b"
+kind = "openai"
+base_url = "{fakes.urls["openai"]}/v1"
+api_key = "{UPSTREAM_KEY}"
+models = [{{ id = "gpt-4o", upstream = "gpt-4o-2024-08-06" }}]
+
+[aliases.balanced]
+models = ["openai/gpt-4o", "openai-b/gpt-4o"]
+weights = [3, 1]
+"""
+    gateway = await make_gateway(extra=extra)
+    seen: Counter[str] = Counter()
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            async with session.post(
+                gateway.base_url + "/chat/completions",
+                json={"model": "balanced", "messages": MESSAGES},
+                headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            ) as resp:
+                assert resp.status == 200
+                seen[resp.headers["X-Gateway-Provider"]] += 1
+    assert 120 <= seen["openai"] <= 180, seen
+    assert seen["openai"] + seen["openai-b"] == 200
+
+
+async def test_timeout_before_headers_is_504(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(server="request_timeout = 0.3\nretries = 0")
+    gateway.fake.next_hang()
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as caught:
+        await gateway.aclient().chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    assert caught.value.status_code == 504
+    assert time.monotonic() - started < 3
+    [record] = await gateway.records()
+    assert record.outcome == "upstream_timeout"
+
+
+async def test_stream_idle_mid_stream_is_cut_with_an_error_event(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(server="retries = 0\nidle_timeout = 0.3")
+    hold = asyncio.Event()  # never set: the last event never comes
+    gateway.fake.next_stream("openai/chat-stream-text.sse", gate=hold)
+    started = time.monotonic()
+    stream = await gateway.aclient().chat.completions.create(
+        model="openai/gpt-4o", messages=MESSAGES, stream=True
+    )
+    chunks = []
+    with pytest.raises(openai.APIError) as caught:
+        async for chunk in stream:
+            chunks.append(chunk)
+    assert time.monotonic() - started < 3
+    assert len(chunks) > 3
+    assert caught.value.code == "upstream_timeout"
+    assert "went silent" in caught.value.message
+    [record] = await gateway.records()
+    assert record.outcome == "upstream_timeout" and record.stream
+
+
+async def test_first_token_timeout(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(server="retries = 0\nrequest_timeout = 0.4\nidle_timeout = 10")
+
+    async def headers_then_silence(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await asyncio.sleep(30)
+        return response
+
+    gateway.fake.next_behaviour(headers_then_silence)
+    status, raw = await post_raw(
+        gateway, {"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True}
+    )
+    assert status == 200
+    assert b'"code":"upstream_timeout"' in raw
+    assert b"no first token" in raw
+
+
+async def test_keep_alive_while_the_upstream_thinks(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(server="retries = 0\nkeepalive_interval = 0.1")
+    events = sse_events(fixture_bytes("openai/chat-stream-include-usage-text-after-tool.sse"))
+
+    async def slow_first_token(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await asyncio.sleep(0.5)  # thinking
+        for event in events:
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    gateway.fake.next_behaviour(slow_first_token)
+    status, raw = await post_raw(
+        gateway, {"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True}
+    )
+    assert status == 200
+    head = raw[: raw.index(b"data: ")]
+    assert head.count(b": keep-alive\n\n") >= 3
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
+async def test_keep_alive_before_the_upstream_even_answers(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(server="retries = 0\nkeepalive_interval = 0.1")
+
+    async def slow_headers(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        await asyncio.sleep(0.5)
+        gateway.fake.next_stream("openai/chat-stream-text.sse")
+        return await gateway.fake._queued.pop()(request, body)
+
+    gateway.fake.next_behaviour(slow_headers)
+    # the SDK skips comments and still assembles the stream
+    stream = await gateway.aclient().chat.completions.create(
+        model="openai/gpt-4o", messages=MESSAGES, stream=True
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text.startswith("I'm unable")
+
+
+async def test_error_after_keep_alives_is_an_error_event(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(server="retries = 0\nkeepalive_interval = 0.1")
+
+    async def slow_failure(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
+        await asyncio.sleep(0.35)
+        return web.json_response(OVERLOADED, status=503)
+
+    gateway.fake.next_behaviour(slow_failure)
+    status, raw = await post_raw(
+        gateway, {"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True}
+    )
+    assert status == 200  # the stream had started with keep-alives
+    assert raw.startswith(b": keep-alive\n\n")
+    assert raw.endswith(b'"code":"service_unavailable"}}\n\n')
+
+
+async def test_client_disconnect_cancels_the_upstream(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway()
+    upstream_closed = asyncio.Event()
+
+    async def endless(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
+        events = sse_events(fixture_bytes("openai/chat-stream-text.sse"))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for i in range(10_000):
+                await response.write(events[min(i, 3)])
+                await asyncio.sleep(0.02)
+        except (ConnectionError, asyncio.CancelledError):
+            upstream_closed.set()
+            raise
+        return response
+
+    gateway.fake.next_behaviour(endless)
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(
+            gateway.base_url + "/chat/completions",
+            json={"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        )
+        await resp.content.readline()
+        resp.close()  # the client goes away mid-stream
+    await asyncio.wait_for(upstream_closed.wait(), timeout=3)
+    for _ in range(50):
+        records = await gateway.records()
+        if records:
+            break
+        await asyncio.sleep(0.05)
+    [record] = records
+    assert record.outcome == "client_closed"
+    assert record.stream
+
+
+async def test_malformed_upstream_sse_is_an_error_event(gateway: Gateway) -> None:
+    gateway.fake.next_stream(events=[b"data: {not json}\n\n"])
+    status, raw = await post_raw(
+        gateway, {"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True}
+    )
+    assert status == 200
+    assert b'"code":"upstream_invalid_response"' in raw
+
+
+async def test_anthropic_overloaded_then_fallback_is_recorded(make_gateway: MakeGateway) -> None:
+    extra = """
+[aliases.claude-first]
+models = ["anthropic/claude-haiku", "openai/gpt-4o"]
+"""
+    gateway = await make_gateway(extra=extra, server=RETRYING)
+    for _ in range(3):
+        status, body = anthropic_error(529, "overloaded_error", "Overloaded")
+        gateway.anthropic.next_json(status, body)
+    answer = await gateway.aclient().chat.completions.create(
+        model="claude-first", messages=MESSAGES
+    )
+    assert answer.model == "openai/gpt-4o"
+    assert len(gateway.anthropic.requests) == 3
