@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from datetime import UTC, date, datetime
+from typing import TypedDict, Unpack
 
 import pytest
 
@@ -12,6 +13,7 @@ from gateway.config import LimitsConfig, LimitSet, TierConfig
 from gateway.errors import GatewayError, QuotaExceeded, RateLimited
 from gateway.limits import (
     EffectiveLimits,
+    EndpointClass,
     KeyStreak,
     Limiter,
     Ticket,
@@ -50,30 +52,44 @@ def make(wall: datetime = START, **config: object) -> tuple[Limiter, FakeClock]:
     return limiter, clock
 
 
-def admit(
-    limiter: Limiter,
-    limits: EffectiveLimits,
-    *,
-    key: str = "k",
-    ip: str | None = None,
-    endpoint: str = "chat",
-    tokens: int = 0,
-    cost: float = 0.0,
-) -> Ticket:
-    return limiter.admit(key, limits, ip, endpoint, tokens, cost)  # type: ignore[arg-type]
+class Request(TypedDict, total=False):
+    key: str
+    ip: str | None
+    endpoint: EndpointClass
+    tokens: int
+    cost: float
 
 
-def refused(limiter: Limiter, limits: EffectiveLimits, **kw: object) -> GatewayError:
+def admit(limiter: Limiter, limits: EffectiveLimits, **req: Unpack[Request]) -> Ticket:
+    return limiter.admit(
+        req.get("key", "k"),
+        limits,
+        req.get("ip"),
+        req.get("endpoint", "chat"),
+        req.get("tokens", 0),
+        req.get("cost", 0.0),
+    )
+
+
+def refused(limiter: Limiter, limits: EffectiveLimits, **req: Unpack[Request]) -> GatewayError:
     with pytest.raises((RateLimited, QuotaExceeded)) as info:
-        admit(limiter, limits, **kw)  # type: ignore[arg-type]
+        admit(limiter, limits, **req)
     return info.value
 
 
-def passes(limiter: Limiter, limits: EffectiveLimits, **kw: object) -> bool:
+def passes(limiter: Limiter, limits: EffectiveLimits, **req: Unpack[Request]) -> bool:
     """Admit and settle at the estimate."""
     try:
-        ticket = admit(limiter, limits, **kw)  # type: ignore[arg-type]
-        ticket.settle(int(kw.get("tokens", 0)), float(kw.get("cost", 0.0)))  # type: ignore[arg-type]
+        admit(limiter, limits, **req).settle(req.get("tokens", 0), req.get("cost", 0.0))
+    except (RateLimited, QuotaExceeded):
+        return False
+    return True
+
+
+def passes_held(limiter: Limiter, limits: EffectiveLimits, **req: Unpack[Request]) -> bool:
+    """Admit and keep the reservation (the request stays in flight)."""
+    try:
+        admit(limiter, limits, **req)
     except (RateLimited, QuotaExceeded):
         return False
     return True
@@ -167,6 +183,16 @@ def test_tokens_per_minute_is_reconciled_to_real_usage() -> None:
     err = refused(limiter, limits, tokens=60)
     assert isinstance(err, RateLimited)
     assert err.headers["Retry-After"] == "4"  # 60 tokens at 1000 per minute
+
+
+def test_a_long_request_settled_late_still_charges_its_extra_tokens() -> None:
+    limiter, clock = make()
+    limits = EffectiveLimits(tokens_per_minute=1000)
+    ticket = admit(limiter, limits, tokens=100)
+    clock.advance(60)  # the bucket has refilled while the stream ran
+    ticket.settle(1000, 0.0)  # the 900 beyond the estimate are taken now
+    assert not passes(limiter, limits, tokens=101)
+    assert passes(limiter, limits, tokens=100)
 
 
 def test_request_larger_than_the_token_bucket_passes_when_full_and_the_debt_is_waited_off() -> None:
@@ -333,15 +359,6 @@ def test_concurrent_admissions_cannot_overshoot_a_quota() -> None:
     assert admitted == 10
 
 
-def passes_held(limiter: Limiter, limits: EffectiveLimits, **kw: object) -> bool:
-    """Admit and keep the reservation (the request stays in flight)."""
-    try:
-        admit(limiter, limits, **kw)  # type: ignore[arg-type]
-    except (RateLimited, QuotaExceeded):
-        return False
-    return True
-
-
 def test_exceeded_answers_mid_stream_against_settled_and_held_usage() -> None:
     limiter, _ = make()
     limits = EffectiveLimits(tokens_per_day=1000, budget=1.0, budget_period="day")
@@ -359,6 +376,17 @@ def test_exceeded_answers_mid_stream_against_settled_and_held_usage() -> None:
     assert not b.exceeded(0, 0.95)  # 0.05 spent + 0.95: exactly the budget
     assert b.exceeded(0, 0.96)
     assert not b.exceeded(0, 0.9)
+
+
+def test_usage_beyond_the_estimate_is_released_with_the_reservation() -> None:
+    limiter, _ = make()
+    limits = EffectiveLimits(tokens_per_day=1000)
+    a = admit(limiter, limits, tokens=100)
+    admit(limiter, limits, tokens=100)  # stays in flight
+    assert not a.exceeded(300, 0.0)  # a now holds 300
+    a.settle(300, 0.0)
+    assert not passes(limiter, limits, tokens=601)  # 300 used, 100 held
+    assert passes(limiter, limits, tokens=600)
 
 
 # --- client address and per-IP buckets ------------------------------------------------------
@@ -697,6 +725,16 @@ def test_new_limits_apply_at_once_and_keep_what_was_used() -> None:
     assert admit(limiter, pro).headers["X-RateLimit-Remaining-Requests"] == "8"
     clock.to(datetime(2026, 3, 10, 13, 0, tzinfo=UTC))  # the new reset hour
     assert passes(limiter, pro, tokens=2000)
+
+
+def test_a_later_reset_hour_does_not_move_spending_back_a_month() -> None:
+    limiter, clock = make(datetime(2026, 4, 1, 3, 0, tzinfo=UTC))
+    limits = EffectiveLimits(budget=1.0, budget_period="month")
+    admit(limiter, limits, cost=1.0).settle(0, 1.0)
+    limiter.reconfigure(LimitsConfig(day_reset_hour=6))  # today began yesterday at 06:00
+    assert not passes(limiter, limits, cost=0.1)
+    clock.to(datetime(2026, 4, 1, 7, 0, tzinfo=UTC))
+    assert not passes(limiter, limits, cost=0.1)  # April's spending stays April's
 
 
 def test_forget_drops_a_key() -> None:
