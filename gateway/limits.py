@@ -70,6 +70,7 @@ _DAY: Final = 86400
 # Slack for float rounding at exact boundaries (seconds, tokens): the N-th request of a
 # per-minute limit must pass even when N * (60 / N) rounds to a hair above 60.
 _EPS: Final = 1e-6
+_TAU: Final = _WINDOW + _EPS  # the most a per-minute bucket may owe, in seconds
 _COST_SLACK: Final = 1.0 + 1e-9
 _PRUNE_EVERY: Final = 60.0
 # While other requests in flight hold the rest of a quota, the real wait is unknown: it ends
@@ -223,7 +224,6 @@ def _whole_seconds(seconds: float) -> int:
 
 # (requests limit, remaining, reset; tokens limit, remaining, reset); a limit of 0 omits a family
 _Snapshot = tuple[int, int, float, int, int, float]
-_NO_FAMILY: Final = (0, 0, 0.0)
 
 
 def _rate_headers(
@@ -537,7 +537,7 @@ class Limiter:
             if r_tat < now:
                 r_tat = now
             r_tat += r_step
-            if r_tat - now > _WINDOW + _EPS:
+            if r_tat - now > _TAU:
                 ok = False
         ip_rpm = self._ip_limits[ei]
         ip_tat = 0.0
@@ -546,7 +546,7 @@ class Limiter:
             if ip_tat < now:
                 ip_tat = now
             ip_tat += _WINDOW / ip_rpm
-            if ip_tat - now > _WINDOW + _EPS:
+            if ip_tat - now > _TAU:
                 ok = False
         tpm = limits.tokens_per_minute
         t_tat = 0.0
@@ -557,7 +557,7 @@ class Limiter:
                 t_tat = now
             # a request bigger than the whole bucket passes when the bucket is full
             need = est_tokens if est_tokens < tpm else tpm
-            if t_tat + need * t_step - now > _WINDOW + _EPS:
+            if t_tat + need * t_step - now > _TAU:
                 ok = False
             t_tat += est_tokens * t_step
         rpd = limits.requests_per_day
@@ -594,16 +594,21 @@ class Limiter:
         st.used = True
 
         # the header numbers as of now; the dict is built only if the caller asks for it
+        t_limit = tpm or tpd or 0  # the tokens family describes the daily quota without a TPM
         if tpm:
-            tok = (tpm, int(tpm - (t_tat - now) * tpm / _WINDOW + _EPS), t_tat - now)
+            t_left = int(tpm - (t_tat - now) * tpm / _WINDOW + _EPS)
+            t_reset = t_tat - now
         elif tpd:
-            tok = (tpd, tpd - st.day_tokens - held_tokens, self._next_reset - w)
+            t_left = tpd - st.day_tokens - held_tokens
+            t_reset = self._next_reset - w
         else:
-            tok = _NO_FAMILY
+            t_left, t_reset = 0, 0.0
         if rpm:
-            snapshot = (rpm, int((_WINDOW - r_tat + now) / r_step + _EPS), r_tat - now, *tok)
+            r_left = int((_WINDOW - r_tat + now) / r_step + _EPS)
+            r_reset = r_tat - now
         else:
-            snapshot = (0, 0, 0.0, *tok)
+            rpm, r_left, r_reset = 0, 0, 0.0
+        snapshot = (rpm, r_left, r_reset, t_limit, t_left, t_reset)
         ticket = Ticket(self, st, limits, est_tokens, est_cost, snapshot)
         if (tpd and st.day_tokens + held_tokens >= self._soft * tpd) or (
             budget and spent + held_cost >= self._soft * budget
@@ -633,7 +638,7 @@ class Limiter:
             debt = max(st.rpm[ei], now) - now
             req = (rpm, max(0, int((_WINDOW - debt) / step + _EPS)), debt)
             tat = max(st.rpm[ei], now) + step
-            if tat - now > _WINDOW + _EPS:
+            if tat - now > _TAU:
                 wait = tat - now - _WINDOW
                 failed.append(
                     _Failure(wait, False, f"Rate limit reached for {endpoint} requests per "
@@ -643,7 +648,7 @@ class Limiter:
         ip_failed = False
         if ip_rpm and ip is not None:
             tat = max(self._ip[ei].get(ip, now), now) + _WINDOW / ip_rpm
-            if tat - now > _WINDOW + _EPS:
+            if tat - now > _TAU:
                 wait = tat - now - _WINDOW
                 ip_failed = True
                 failed.append(
@@ -660,7 +665,7 @@ class Limiter:
             debt = t_tat - now
             tok = (tpm, max(0, int(tpm - debt * tpm / _WINDOW + _EPS)), debt)
             need = est_tokens if est_tokens < tpm else tpm
-            if t_tat + need * t_step - now > _WINDOW + _EPS:
+            if t_tat + need * t_step - now > _TAU:
                 wait = t_tat + need * t_step - now - _WINDOW
                 failed.append(
                     _Failure(wait, False, f"Rate limit reached for tokens per minute: limit "
