@@ -11,22 +11,27 @@ Three kinds of limit, checked together by `Limiter.admit` before a request is fo
   per day, UTC calendar month (from the reset hour on day 1) or in total.
 
 Admission cannot overshoot. ``admit`` checks every limit the request touches and only then
-takes from all of them, so a refusal takes nothing. A quota check counts settled usage plus
-everything reserved by requests in flight plus this request's estimate, so N concurrent
-admissions against room R reserve at most R in total. A quota is therefore exceeded only by
-requests whose real usage turns out larger than their reservation: at the end of a period,
+takes from all of them, so a refusal takes nothing. A quota check counts settled usage, plus
+what every request in flight holds, plus this request's estimate; so at the last admission
+against a quota in a period, settled + held <= limit, and afterwards only requests already in
+flight add usage. The bound, for daily tokens and for the budget alike:
 
-    used <= limit + sum over the period's requests of max(0, real - reserved)
+    used at the end of a period <= limit + sum of max(0, real - held)
+                                   over the requests in flight at its last admission
 
-where ``reserved`` is the admission estimate, raised to the usage reported to
-`Ticket.exceeded` while streaming. A caller that cuts a stream as soon as ``exceeded`` says so
-bounds each stream's part of that sum by the tokens (or cost) it delivered after its last
-check. A request admitted before a daily or monthly reset is counted in the period in which it
-is settled. The tokens-per-minute bucket has the same bound per refill window.
+``held`` is what the request held at that admission: its estimate, or the usage it had
+reported to `Ticket.exceeded` by then if that was more. Concurrency adds nothing to the bound:
+50 admissions against room for 10 take exactly 10. A caller that asks ``exceeded`` after each
+chunk and cuts the stream at the first True limits each stream's share of any overshoot to
+what it delivered after its last check. Usage counts in the period in which it is settled, so
+a request in flight over a reset counts in the new period. The tokens-per-minute bucket is
+charged the same way, except that a request larger than the whole bucket passes when the
+bucket is full and leaves it in debt.
 
 Limits are passed to every call (`EffectiveLimits`) and never stored with the consumed
 counters, which are keyed by key id: a reload that moves a key to another tier changes its
-limits at its next request and keeps what it has used.
+limits at its next request and keeps what it has used. A bucket keeps the time it needs to
+refill, so under a new limit it is as full, as a fraction, as it was.
 
 Everything here is synchronous and O(1) per request, with no I/O; the atomicity of admission
 rests on running on one event loop thread.
@@ -39,7 +44,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Final, Literal, NoReturn, TypeVar
 
@@ -269,51 +274,30 @@ class KeyStreak:
     through: date
 
 
+@dataclass(slots=True, eq=False)
 class _KeyState:
-    """What one key has consumed; never holds its limits."""
+    """What one key has consumed; never its limits."""
 
-    __slots__ = (
-        "day",
-        "day_cost",
-        "day_requests",
-        "day_tokens",
-        "held_cost",
-        "held_tokens",
-        "inflight",
-        "month",
-        "month_cost",
-        "refused",
-        "rpm",
-        "run",
-        "run_through",
-        "total_cost",
-        "tpm",
-        "used",
-        "warned_budget",
-        "warned_tokens",
-    )
-
-    def __init__(self, day: int, month: int) -> None:
-        # bucket times per endpoint class; a time in the past means a full bucket
-        self.rpm = [-math.inf, -math.inf, -math.inf]
-        self.tpm = -math.inf
-        self.day = day  # the limiter's day sequence number these day counters belong to
-        self.month = month
-        self.day_requests = 0
-        self.day_tokens = 0
-        self.day_cost = 0.0
-        self.month_cost = 0.0
-        self.total_cost = 0.0
-        # reserved by requests in flight, counted against every period
-        self.held_tokens = 0
-        self.held_cost = 0.0
-        self.inflight = 0
-        self.used = False
-        self.refused = False
-        self.run = 0  # clean days in a row, ending on day `run_through`
-        self.run_through = _NEVER_RUN
-        self.warned_tokens = -1
-        self.warned_budget = -1
+    day: int  # the limiter's day sequence number that the day counters belong to
+    month: int
+    # bucket times per endpoint class and for tokens; a time in the past means a full bucket
+    rpm: list[float] = field(default_factory=lambda: [-math.inf, -math.inf, -math.inf])
+    tpm: float = -math.inf
+    day_requests: int = 0
+    day_tokens: int = 0
+    day_cost: float = 0.0
+    month_cost: float = 0.0
+    total_cost: float = 0.0
+    # reserved by requests in flight, counted against every period
+    held_tokens: int = 0
+    held_cost: float = 0.0
+    inflight: int = 0
+    used: bool = False
+    refused: bool = False
+    run: int = 0  # clean days in a row, ending on day `run_through`
+    run_through: int = _NEVER_RUN
+    warned_tokens: int = -1
+    warned_budget: int = -1
 
     def cost(self, period: BudgetPeriod) -> float:
         if period == "month":
@@ -323,42 +307,22 @@ class _KeyState:
         return self.total_cost
 
 
+@dataclass(slots=True, eq=False)
 class Ticket:
     """One admitted request's reservation. Settle it exactly once, in a ``finally``."""
 
-    __slots__ = (
-        "_cost",
-        "_est_tokens",
-        "_headers",
-        "_limiter",
-        "_limits",
-        "_settled",
-        "_snapshot",
-        "_state",
-        "_tokens",
-        "warning",
-    )
-
-    def __init__(
-        self,
-        limiter: Limiter,
-        state: _KeyState,
-        limits: EffectiveLimits,
-        est_tokens: int,
-        est_cost: float,
-        snapshot: _Snapshot,
-    ) -> None:
-        self._limiter = limiter
-        self._state = state
-        self._limits = limits
-        self._est_tokens = est_tokens
-        self._tokens = est_tokens  # held now: the estimate, or more once usage passes it
-        self._cost = est_cost
-        self._settled = False
-        self._snapshot = snapshot
-        self._headers: dict[str, str] | None = None
-        # Soft-limit text for a response header, or None.
-        self.warning: str | None = None
+    _limiter: Limiter
+    _state: _KeyState
+    _limits: EffectiveLimits
+    _est_tokens: int
+    # held now: the estimate, or more once usage passes it
+    _tokens: int
+    _cost: float
+    _snapshot: _Snapshot
+    _settled: bool = False
+    _headers: dict[str, str] | None = None
+    # Soft-limit text for a response header, or None.
+    warning: str | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -609,7 +573,7 @@ class Limiter:
         else:
             rpm, r_left, r_reset = 0, 0, 0.0
         snapshot = (rpm, r_left, r_reset, t_limit, t_left, t_reset)
-        ticket = Ticket(self, st, limits, est_tokens, est_cost, snapshot)
+        ticket = Ticket(self, st, limits, est_tokens, est_tokens, est_cost, snapshot)
         if (tpd and st.day_tokens + held_tokens >= self._soft * tpd) or (
             budget and spent + held_cost >= self._soft * budget
         ):
@@ -639,23 +603,15 @@ class Limiter:
             req = (rpm, max(0, int((_WINDOW - debt) / step + _EPS)), debt)
             tat = max(st.rpm[ei], now) + step
             if tat - now > _TAU:
-                wait = tat - now - _WINDOW
-                failed.append(
-                    _Failure(wait, False, f"Rate limit reached for {endpoint} requests per "
-                             f"minute: limit {rpm}. Please try again in {go_duration(wait)}.")
-                )  # fmt: skip
+                failed.append(_rate_failure(tat - now, f"{endpoint} requests per minute", rpm))
         ip_rpm = self._ip_limits[ei]
         ip_failed = False
         if ip_rpm and ip is not None:
             tat = max(self._ip[ei].get(ip, now), now) + _WINDOW / ip_rpm
             if tat - now > _TAU:
-                wait = tat - now - _WINDOW
                 ip_failed = True
-                failed.append(
-                    _Failure(wait, False, f"Rate limit reached for {endpoint} requests per "
-                             f"minute from your IP address: limit {ip_rpm}. "
-                             f"Please try again in {go_duration(wait)}.")
-                )  # fmt: skip
+                what = f"{endpoint} requests per minute from your IP address"
+                failed.append(_rate_failure(tat - now, what, ip_rpm))
         tpm = limits.tokens_per_minute
         tpd = limits.tokens_per_day
         tok = (0, 0, 0.0)
@@ -666,26 +622,20 @@ class Limiter:
             tok = (tpm, max(0, int(tpm - debt * tpm / _WINDOW + _EPS)), debt)
             need = est_tokens if est_tokens < tpm else tpm
             if t_tat + need * t_step - now > _TAU:
-                wait = t_tat + need * t_step - now - _WINDOW
-                failed.append(
-                    _Failure(wait, False, f"Rate limit reached for tokens per minute: limit "
-                             f"{tpm}, requested {est_tokens}. "
-                             f"Please try again in {go_duration(wait)}.")
-                )  # fmt: skip
+                owed = t_tat + need * t_step - now
+                failed.append(_rate_failure(owed, "tokens per minute", tpm, est_tokens))
         elif tpd:
             tok = (tpd, max(0, tpd - st.day_tokens - st.held_tokens), self._next_reset - w)
         day_left = self._next_reset - w
         rpd = limits.requests_per_day
         if rpd and st.day_requests >= rpd:
             failed.append(
-                _Failure(day_left, True, f"You exceeded your daily request quota: limit {rpd}. "
-                         f"It resets in {go_duration(day_left)}.")
-            )  # fmt: skip
+                _quota_failure("daily request quota", rpd, st.day_requests, 0, 1, day_left)
+            )
         if tpd and st.day_tokens + st.held_tokens + est_tokens > tpd:
+            used, held = st.day_tokens, st.held_tokens
             failed.append(
-                _quota_failure(
-                    "daily token quota", tpd, st.day_tokens, st.held_tokens, est_tokens, day_left
-                )
+                _quota_failure("daily token quota", tpd, used, held, est_tokens, day_left)
             )
         budget = limits.budget
         if budget:
@@ -942,23 +892,34 @@ class _Failure:
         return math.inf if self.wait is None else self.wait
 
 
+def _rate_failure(owed: float, what: str, limit: int, requested: int = 1) -> _Failure:
+    """A bucket that owes ``owed`` seconds of refill, of which one window may be owed."""
+    wait = owed - _WINDOW
+    asked = f", requested {requested}" if requested != 1 else ""
+    return _Failure(
+        wait,
+        False,
+        f"Rate limit reached for {what}: limit {limit}{asked}. "
+        f"Please try again in {go_duration(wait)}.",
+    )
+
+
 def _quota_failure(
     what: str, limit: float, used: float, held: float, requested: float, left: float | None
 ) -> _Failure:
     if requested > limit * _COST_SLACK:
-        return _Failure(
-            None, True, f"This request needs up to {requested:.6g}, more than the {what} of "
-                        f"{limit:.6g}."
-        )  # fmt: skip
+        message = f"This request needs up to {requested:.6g}, more than the {what} of {limit:.6g}."
+        return _Failure(None, True, message)
     if used + requested <= limit * _COST_SLACK:
         # there is room once requests in flight settle below their reservations
-        return _Failure(
-            _IN_FLIGHT_WAIT, False, f"Rate limit reached for the {what}: requests in flight "
-                                    f"hold {held:.6g} of the {limit - used:.6g} left. "
-                                    "Please try again in 1s."
-        )  # fmt: skip
+        message = (
+            f"Rate limit reached for the {what}: requests in flight hold {held:.6g} of the "
+            f"{limit - used:.6g} left. Please try again in 1s."
+        )
+        return _Failure(_IN_FLIGHT_WAIT, False, message)
     resets = "It does not reset." if left is None else f"It resets in {go_duration(left)}."
-    return _Failure(
-        left, True, f"You exceeded your {what}: limit {limit:.6g}, used {used:.6g}, "
-                    f"requested {requested:.6g}. {resets}"
-    )  # fmt: skip
+    message = (
+        f"You exceeded your {what}: limit {limit:.6g}, used {used:.6g}, "
+        f"requested {requested:.6g}. {resets}"
+    )
+    return _Failure(left, True, message)
