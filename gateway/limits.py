@@ -425,16 +425,19 @@ class Limiter:
         self._keys: dict[str, _KeyState] = {}
         self._ip: list[dict[str, float]] = [{}, {}, {}]
         self._day_seq = 0  # counts resets; day counters compare it, never a calendar date
-        self._day_index = 0  # days since 1970-01-01 of the current quota day
-        self._month = 0  # year * 12 + month - 1 of the current budget month; never decreases
-        self._next_reset = 0.0
+        self._offset = config.day_reset_hour * 3600
+        # days since 1970-01-01 of the current quota day, and when the next one begins
+        self._day_index = math.floor((wall() - self._offset) / _DAY)
+        self._next_reset = (self._day_index + 1) * _DAY + self._offset
+        self._month = _month_of(self._day_index)  # year * 12 + month - 1; never decreases
         self._next_prune = clock() + _PRUNE_EVERY
         self.reconfigure(config)
 
     def reconfigure(self, config: LimitsConfig) -> None:
         """Take new per-IP limits and policies. Consumed quotas and buckets are kept.
 
-        A new ``day_reset_hour`` applies from the next reset; the current day is not reset.
+        A new ``day_reset_hour`` resets the day at once if that hour has passed since the
+        current day began, and otherwise when it comes.
         """
         self.config = config
         self.trusted = parse_trusted(config.trusted_proxies)
@@ -444,10 +447,17 @@ class Limiter:
             _limit(config.ip_standard_per_minute),
         )
         self._soft = config.soft_limit
-        self._offset = config.day_reset_hour * 3600
-        self._day_index = math.floor((self._wall() - self._offset) / _DAY)
-        self._next_reset = (self._day_index + 1) * _DAY + self._offset
-        self._month = max(self._month, _month_of(self._day_index))
+        w = self._tick()  # a reset due under the old hour comes first
+        offset = config.day_reset_hour * 3600
+        if offset != self._offset:
+            began = self._next_reset - _DAY
+            index = math.floor((w - offset) / _DAY)
+            if index > math.floor((began - offset) / _DAY):
+                self._day_seq += 1
+            self._offset = offset
+            self._day_index = index
+            self._next_reset = (index + 1) * _DAY + offset
+            self._month = max(self._month, _month_of(index))
 
     def client_ip(self, peer: str | None, forwarded_for: str | None) -> str | None:
         """`client_ip` with the configured trusted proxies."""

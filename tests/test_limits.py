@@ -737,6 +737,21 @@ def test_a_later_reset_hour_does_not_move_spending_back_a_month() -> None:
     assert not passes(limiter, limits, cost=0.1)  # April's spending stays April's
 
 
+def test_a_reload_neither_loses_a_due_reset_nor_skips_a_passed_reset_hour() -> None:
+    limiter, clock = make(datetime(2026, 3, 10, 23, 59, tzinfo=UTC))
+    limits = EffectiveLimits(tokens_per_day=100)
+    admit(limiter, limits, tokens=100).settle(100, 0.0)
+    clock.advance(120)  # past midnight, no request yet
+    limiter.reconfigure(LimitsConfig(ip_chat_per_minute=5))
+    assert passes(limiter, limits, tokens=100)
+
+    limiter, clock = make(datetime(2026, 3, 10, 5, 0, tzinfo=UTC), day_reset_hour=6)
+    admit(limiter, limits, tokens=100).settle(100, 0.0)  # the day began yesterday at 06:00
+    limiter.reconfigure(LimitsConfig(day_reset_hour=0))  # midnight has passed since
+    assert passes(limiter, limits, tokens=100)
+    assert limiter.seconds_until_day_reset() == 19 * 3600
+
+
 def test_forget_drops_a_key() -> None:
     limiter, _ = make()
     limits = EffectiveLimits(requests_per_day=1)
