@@ -839,13 +839,11 @@ class Limiter:
             self._roll(st)
         upgrades: list[tuple[str, str, str]] = []
         for key_id, tier_name in key_tiers.items():
-            tier = tiers.get(tier_name) if tier_name is not None else None
             state = self._keys.get(key_id)
-            if tier is None or tier_name is None or state is None:
+            tier = tiers.get(tier_name) if tier_name is not None else None
+            if state is None or tier_name is None or tier is None or tier.upgrade_to is None:
                 continue
-            if tier.upgrade_to is None or tier.upgrade_after_days is None:
-                continue
-            if state.run >= tier.upgrade_after_days:
+            if tier.upgrade_after_days is not None and state.run >= tier.upgrade_after_days:
                 upgrades.append((key_id, tier_name, tier.upgrade_to))
                 state.run = 0
         return upgrades
