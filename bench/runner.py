@@ -1,0 +1,254 @@
+"""The scenarios: start the three servers, drive each target, measure the server process.
+
+Targets: ``upstream`` (the fake, straight), ``bare`` (the baseline proxy) and ``gateway``. With
+two cores or more the proxies run on the first core and the fake upstream and the load on the
+second, so the two proxies are measured on the same core under the same load.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from . import gateway_config, loadgen, payloads, procs, streams
+from .loadgen import Load
+from .report import Results, Row
+
+SCENARIOS = (
+    "nonstream-1",
+    "nonstream-32",
+    "nonstream-256",
+    "stream",
+    "translated",
+    "large-prompt",
+    "slow-streams",
+)
+OPENAI_MODEL = "openai/gpt-bench"
+NO_ANTHROPIC = "skipped: gateway has no anthropic provider kind"
+
+
+@dataclass
+class Options:
+    scenarios: list[str]
+    duration: float = 8.0
+    warmup: float = 1.0
+    stream_concurrency: int = 200
+    hold_streams: int = 5000
+    hold_seconds: float = 10.0
+    loadgen: str = "auto"  # auto | wrk | builtin
+    install: bool = True  # apt-get install wrk when it is missing
+    results_dir: Path = field(default_factory=lambda: Path(__file__).parent / "results")
+
+
+class Bench:
+    def __init__(self, opts: Options, tmp: Path) -> None:
+        self.opts = opts
+        self.tmp = tmp
+        self.results = Results()
+        self.servers: dict[str, procs.Server] = {}
+        self.wrk: str | None = None
+        self.anthropic = False
+        self.features: dict[str, str] = {}
+        cores = procs.usable_cores()
+        pinned = len(cores) >= 2
+        self.server_core = cores[0] if pinned else None
+        self.load_core = cores[1] if pinned else None
+
+    # --- set-up -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        meta = self.results.meta
+        fd_limit = procs.raise_fd_limit()
+        self.wrk, how = (None, "built-in asyncio generator (--loadgen builtin)")
+        if self.opts.loadgen != "builtin":
+            self.wrk, how = loadgen.ensure_wrk(self.opts.install)
+            if self.wrk is None and self.opts.loadgen == "wrk":
+                raise RuntimeError("--loadgen wrk: " + how)
+        meta["loadgen"] = how
+        meta["fd_limit"] = fd_limit
+        if self.server_core is None:
+            meta["pinning"] = "none (fewer than 2 cores)"
+        else:
+            meta["pinning"] = (
+                f"proxies on core {self.server_core}; upstream and load on core {self.load_core}"
+            )
+        ports = {name: procs.free_port() for name in ("upstream", "bare", "gateway")}
+        delay_ms = max(1, round(self.opts.hold_seconds * 1000 / 20))
+        setup = gateway_config.build(ports["upstream"], delay_ms, self.tmp)
+        self.anthropic = setup.anthropic
+        self.features = meta["gateway_features"] = setup.features
+        config = self.tmp / "gateway.toml"
+        config.write_text(setup.toml)
+
+        up = ports["upstream"]
+        argvs = {
+            "upstream": procs.python_argv("bench.fake_upstream", "--port", str(up)),
+            "bare": procs.python_argv(
+                "bench.bare_proxy",
+                "--port",
+                str(ports["bare"]),
+                "--upstream",
+                f"http://127.0.0.1:{up}",
+            ),
+            "gateway": procs.python_argv(
+                "gateway", "serve", "--config", str(config), "--port", str(ports["gateway"])
+            ),
+        }
+        for name, argv in argvs.items():
+            core = self.load_core if name == "upstream" else self.server_core
+            server = procs.start(name, argv, ports[name], core, self.tmp / f"{name}.log")
+            self.servers[name] = server
+            if name != "upstream":
+                ready_ms = server.ready_s * 1000
+                note = f"spawn to accepting: {ready_ms:.0f} ms"
+                self.results.add(Row(name, "startup", note=note, extra={"ready_ms": ready_ms}))
+        procs.pin_self(self.load_core)
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+
+    async def check_paths(self) -> None:
+        """One request per target before measuring: a broken setup fails here, clearly."""
+        for target in ("upstream", "bare", "gateway"):
+            status, text = await probe(self.load(target, "nonstream"))
+            if status != 200:
+                log = self.servers[target].log.read_text(errors="replace")[-1500:]
+                raise RuntimeError(f"{target} answered {status}: {text[:500]}\n{log}")
+
+    def load(self, target: str, kind: str, model: str = OPENAI_MODEL) -> Load:
+        port = self.servers[target].port
+        if kind == "slow" and target != "gateway":
+            delay_ms = max(1, round(self.opts.hold_seconds * 1000 / 20))
+            path = f"/slow/{delay_ms}/v1/chat/completions"
+            return payloads.chat_load(port, "slow/gpt-bench", path=path, stream=True)
+        if kind == "slow":
+            return payloads.chat_load(port, "slow/gpt-bench", stream=True)
+        if kind == "large":
+            return Load(port, payloads.CHAT_PATH, payloads.large_body(model), payloads.HEADERS)
+        return payloads.chat_load(port, model, stream=kind == "stream")
+
+    # --- scenarios --------------------------------------------------------------------------
+
+    async def run(self, scenario: str) -> None:
+        if scenario.startswith("nonstream-"):
+            conns = int(scenario.split("-")[1])
+            for target in ("upstream", "bare", "gateway"):
+                await self.closed_loop(target, scenario, self.load(target, "nonstream"), conns)
+        elif scenario == "stream":
+            for target in ("upstream", "bare", "gateway"):
+                await self.stream(target)
+        elif scenario == "translated":
+            await self.translated()
+        elif scenario == "large-prompt":
+            for target in ("bare", "gateway"):
+                await self.closed_loop(target, scenario, self.load(target, "large"), 32)
+        elif scenario == "slow-streams":
+            for target in ("bare", "gateway"):
+                await self.slow_streams(target)
+        else:
+            raise ValueError(f"unknown scenario {scenario!r}")
+
+    async def closed_loop(self, target: str, scenario: str, load: Load, conns: int) -> Row:
+        server = self.servers[target]
+        gen = loadgen.generator(load, conns, self.wrk, self.load_core, self.tmp)
+        try:
+            if self.opts.warmup > 0:
+                await gen.run(self.opts.warmup)
+            cpu, drops = server.cpu_seconds(), procs.listen_overflows()
+            result = await gen.run(self.opts.duration)
+            cpu, drops = server.cpu_seconds() - cpu, procs.listen_overflows() - drops
+        finally:
+            gen.close()
+        row = Row(target, scenario, result.rps, result.p50_ms, result.p99_ms)
+        row.cpu_us = cpu / result.ok * 1e6 if result.ok else None
+        row.rss_mb = server.rss_mb()
+        row.errors = result.errors
+        row.note = f"{conns} conns" + (" (fake upstream's own CPU)" if target == "upstream" else "")
+        row.note += _drops(drops)
+        return self.results.add(row)
+
+    async def stream(self, target: str) -> Row:
+        server = self.servers[target]
+        load = self.load(target, "stream")
+        n = self.opts.stream_concurrency
+        clients = loadgen.Clients(load, n)
+        try:
+            if self.opts.warmup > 0:
+                await clients.run(self.opts.warmup)
+            cpu, drops = server.cpu_seconds(), procs.listen_overflows()
+            replies, errors, seconds = await clients.run(self.opts.duration)
+            cpu, drops = server.cpu_seconds() - cpu, procs.listen_overflows() - drops
+        finally:
+            clients.close()
+        result = streams.stream_result(replies, errors, seconds)
+        row = Row(target, "stream", result.rps, result.ttft_ms(50), result.ttft_ms(99))
+        row.cpu_us = cpu / result.ok * 1e6 if result.ok else None
+        row.rss_mb = server.rss_mb()
+        row.errors = result.errors
+        row.extra = {"total_p50_ms": result.total_ms(50), "total_p99_ms": result.total_ms(99)}
+        row.note = f"{n} concurrent streams; p50/p99 = TTFT; total p50 {result.total_ms(50):.2f} ms"
+        row.note += _drops(drops)
+        return self.results.add(row)
+
+    async def translated(self) -> None:
+        if not self.anthropic:
+            self.results.add(Row("gateway", "translated", note=NO_ANTHROPIC))
+            return
+        load = self.load("gateway", "nonstream", model="anthropic/claude-bench")
+        status, text = await probe(load)
+        if status != 200:
+            why = f"{NO_ANTHROPIC} (check-config accepts it; a request got {status} {_code(text)})"
+            self.results.add(Row("gateway", "translated", note=why))
+            return
+        await self.closed_loop("bare", "translated", self.load("bare", "nonstream"), 32)
+        row = await self.closed_loop("gateway", "translated", load, 32)
+        row.note = "32 conns, OpenAI client -> Anthropic upstream (bare: OpenAI -> OpenAI)"
+
+    async def slow_streams(self, target: str) -> Row:
+        server = self.servers[target]
+        n = self.opts.hold_streams
+        cpu = server.cpu_seconds()
+        started = time.perf_counter()
+        result = await streams.hold_streams(self.load(target, "slow"), n, server.rss_mb)
+        cpu = server.cpu_seconds() - cpu
+        busy = cpu / (time.perf_counter() - started) * 100
+        row = Row(target, "slow-streams", rss_mb=result.peak_rss_mb, errors=result.errors)
+        row.cpu_us = cpu / n * 1e6
+        row.extra = {"streams": n, "most_held": result.most_held, "cpu_percent": busy}
+        kinds = ", ".join(f"{k}: {v}" for k, v in result.error_kinds.items())
+        row.note = (
+            f"{result.most_held}/{n} held at once, {self.opts.hold_seconds:g} s each; "
+            f"RSS = peak; CPU/stream; {busy:.0f}% of a core"
+            + (f"; errors {kinds}" if kinds else "")
+        )
+        return self.results.add(row)
+
+
+def _drops(count: int) -> str:
+    """Connections the kernel dropped because a listen backlog was full (each costs ~1 s)."""
+    return f"; {count} listen-queue overflows" if count else ""
+
+
+def _code(body: str) -> str:
+    """The error code of an OpenAI error envelope, else the start of the body."""
+    try:
+        error = json.loads(body).get("error") or {}
+        return str(error.get("code") or error.get("message", ""))[:80]
+    except (ValueError, AttributeError):
+        return body[:80]
+
+
+async def probe(load: Load) -> tuple[int, str]:
+    """One request with aiohttp: the status and the body, for sanity checks and skip notes."""
+    url = f"http://127.0.0.1:{load.port}{load.path}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, data=load.body, headers=load.headers) as resp:
+                return resp.status, await resp.text()
+    except aiohttp.ClientError as e:
+        return 0, str(e)
