@@ -31,7 +31,8 @@ def parse(argv: Sequence[str] | None) -> Options:
     p.add_argument("--warmup", type=float, help="seconds of warm-up before each (default 1)")
     p.add_argument("--streams", type=int, help="concurrent streams in 'stream' (default 200)")
     p.add_argument("--hold", type=int, help="slow streams held at once (default 5000)")
-    p.add_argument("--hold-seconds", type=float, help="life of one slow stream (default 10)")
+    p.add_argument("--hold-seconds", type=float, help="life of one slow stream (default 15)")
+    p.add_argument("--hold-rate", type=float, help="slow streams opened per second (default 1000)")
     p.add_argument("--loadgen", choices=("auto", "wrk", "builtin"), default="auto")
     p.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
     p.add_argument("--results-dir", type=Path, help="default bench/results")
@@ -43,7 +44,8 @@ def parse(argv: Sequence[str] | None) -> Options:
         warmup=ns.warmup if ns.warmup is not None else (0.3 if quick else 1.0),
         stream_concurrency=ns.streams or 200,
         hold_streams=ns.hold or (500 if quick else 5000),
-        hold_seconds=ns.hold_seconds or (3.0 if quick else 10.0),
+        hold_seconds=ns.hold_seconds or (3.0 if quick else 15.0),
+        hold_rate=ns.hold_rate or 1000.0,
         loadgen=ns.loadgen,
         install=not ns.no_install,
     )
@@ -66,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             uvloop.run(run_all(bench))
         finally:
             bench.stop()
+            bench.keep_logs(opts.results_dir / "logs")
     results = bench.results
     results.meta.update(
         started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

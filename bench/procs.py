@@ -50,6 +50,45 @@ class Server:
                 self.proc.wait()
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What the bench reads around a measurement; subtract two to get the deltas."""
+
+    cpu: float  # the server's CPU seconds
+    core_busy: float  # CPU seconds the server's core spent on anything
+    overflows: int  # connections dropped by full accept queues (system-wide)
+    time: float
+
+    def __sub__(self, before: Snapshot) -> Snapshot:
+        return Snapshot(
+            self.cpu - before.cpu,
+            self.core_busy - before.core_busy,
+            self.overflows - before.overflows,
+            self.time - before.time,
+        )
+
+    @property
+    def others_percent(self) -> float:
+        """How busy the server's core was with other processes, in percent (a noise gauge)."""
+        return max(0.0, self.core_busy - self.cpu) / self.time * 100 if self.time else 0.0
+
+
+def snapshot(server: Server, core: int | None) -> Snapshot:
+    return Snapshot(
+        server.cpu_seconds(), core_busy_seconds(core), listen_overflows(), time.perf_counter()
+    )
+
+
+def core_busy_seconds(core: int | None) -> float:
+    """Busy time (user, nice, system, irq, softirq, steal) of one core, or of all of them."""
+    name = "cpu " if core is None else f"cpu{core} "
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(name):
+            v = [int(x) for x in line.split()[1:9]]
+            return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / CLOCK_TICKS
+    return 0.0
+
+
 def usable_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 

@@ -52,6 +52,7 @@ class HoldResult:
     seconds: float
     most_held: int  # the most streams open and flowing at one time
     peak_rss_mb: float  # the server's largest RSS seen while they were open
+    ramp_seconds: float = 0.0  # until the last stream was connected
     error_kinds: dict[str, int] = field(default_factory=dict)
 
 
@@ -59,10 +60,9 @@ async def hold_streams(
     load: Load,
     count: int,
     rss_mb: Callable[[], float],
-    batch: int = 250,
-    pause: float = 0.05,
+    rate: float = 1000.0,
 ) -> HoldResult:
-    """Open `count` slow streams (one connection each, `batch` at a time) and hold them all.
+    """Open `count` slow streams (one connection each, `rate` a second) and hold them all.
 
     Every 0.1 s the sampler counts the streams whose first chunk arrived and that have not
     ended, and reads the server's RSS.
@@ -82,6 +82,7 @@ async def hold_streams(
             fail(f"connect: {e.strerror or type(e).__name__}")
             return
         conns.append(conn)
+        result.ramp_seconds = time.perf_counter() - started
         try:
             reply = await asyncio.wait_for(conn.request(raw), 120)
         except (OSError, TimeoutError) as e:
@@ -104,9 +105,10 @@ async def hold_streams(
     started = time.perf_counter()
     sampler = asyncio.ensure_future(sample())
     tasks = []
+    batch = max(1, round(rate / 20))  # 20 batches a second
     for i in range(0, count, batch):
         tasks += [asyncio.ensure_future(stream()) for _ in range(min(batch, count - i))]
-        await asyncio.sleep(pause)
+        await asyncio.sleep(batch / rate)
     await asyncio.gather(*tasks)
     sampler.cancel()
     with contextlib.suppress(asyncio.CancelledError):
