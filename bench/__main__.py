@@ -33,8 +33,12 @@ def parse(argv: Sequence[str] | None) -> Options:
     p.add_argument("--hold", type=int, help="slow streams held at once (default 5000)")
     p.add_argument("--hold-seconds", type=float, help="life of one slow stream (default 15)")
     p.add_argument("--hold-rate", type=float, help="slow streams opened per second (default 1000)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per target, keep the fastest")
     p.add_argument("--loadgen", choices=("auto", "wrk", "builtin"), default="auto")
     p.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
+    p.add_argument(
+        "--profile", action="store_true", help="py-spy the proxies while measured (slows them)"
+    )
     p.add_argument("--results-dir", type=Path, help="default bench/results")
     ns = p.parse_args(argv)
     quick = ns.quick
@@ -46,8 +50,10 @@ def parse(argv: Sequence[str] | None) -> Options:
         hold_streams=ns.hold or (500 if quick else 5000),
         hold_seconds=ns.hold_seconds or (3.0 if quick else 15.0),
         hold_rate=ns.hold_rate or 1000.0,
+        repeat=max(1, ns.repeat),
         loadgen=ns.loadgen,
         install=not ns.no_install,
+        profile=ns.profile,
     )
     if ns.results_dir is not None:
         opts.results_dir = ns.results_dir
@@ -81,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results.compare()
     checks = results.checks()
     print(table(results, checks))
+    for summary in bench.profiles:
+        print("\n" + summary)
     paths = write_json(results, checks, opts.results_dir)
     print(f"\nwritten: {', '.join(str(p) for p in paths)}  ({results.meta['seconds']} s)")
     return 0
