@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
-from . import gateway_config, loadgen, payloads, procs, profile, streams
+from . import fake_upstream, gateway_config, loadgen, payloads, procs, profile, streams
 from .loadgen import Load
 from .report import Results, Row
 
@@ -65,6 +65,11 @@ class Bench:
         self.server_core = cores[0] if pinned else None
         self.load_core = cores[1] if pinned else None
 
+    @property
+    def slow_delay_ms(self) -> int:
+        """The fake's pause before each chunk of a slow stream, so that one lasts hold_seconds."""
+        return max(1, round(self.opts.hold_seconds * 1000 / fake_upstream.STREAM_CHUNKS))
+
     # --- set-up -----------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -84,8 +89,7 @@ class Bench:
                 f"proxies on core {self.server_core}; upstream and load on core {self.load_core}"
             )
         ports = {name: procs.free_port() for name in ("upstream", "bare", "gateway")}
-        delay_ms = max(1, round(self.opts.hold_seconds * 1000 / 20))
-        setup = gateway_config.build(ports["upstream"], delay_ms, self.tmp)
+        setup = gateway_config.build(ports["upstream"], self.slow_delay_ms, self.tmp)
         self.anthropic = setup.anthropic
         self.features = meta["gateway_features"] = setup.features
         config = self.tmp / "gateway.toml"
@@ -144,8 +148,7 @@ class Bench:
     def load(self, target: str, kind: str, model: str = OPENAI_MODEL) -> Load:
         port = self.servers[target].port
         if kind == "slow" and target != "gateway":
-            delay_ms = max(1, round(self.opts.hold_seconds * 1000 / 20))
-            path = f"/slow/{delay_ms}/v1/chat/completions"
+            path = f"/slow/{self.slow_delay_ms}/v1/chat/completions"
             return payloads.chat_load(port, "slow/gpt-bench", path=path, stream=True)
         if kind == "slow":
             return payloads.chat_load(port, "slow/gpt-bench", stream=True)
