@@ -73,58 +73,53 @@ class Bench:
     # --- set-up -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Choose the load generator, write the gateway config, start the three servers."""
         meta = self.results.meta
-        fd_limit = procs.raise_fd_limit()
-        self.wrk, how = (None, "built-in asyncio generator (--loadgen builtin)")
-        if self.opts.loadgen != "builtin":
-            self.wrk, how = loadgen.ensure_wrk(self.opts.install)
-            if self.wrk is None and self.opts.loadgen == "wrk":
-                raise RuntimeError("--loadgen wrk: " + how)
-        meta["loadgen"] = how
-        meta["fd_limit"] = fd_limit
-        if self.server_core is None:
-            meta["pinning"] = "none (fewer than 2 cores)"
-        else:
-            meta["pinning"] = (
-                f"proxies on core {self.server_core}; upstream and load on core {self.load_core}"
-            )
+        meta["fd_limit"] = procs.raise_fd_limit()
+        meta["loadgen"] = self._choose_loadgen()
+        meta["pinning"] = (
+            "none (fewer than 2 cores)"
+            if self.server_core is None
+            else f"proxies on core {self.server_core}; upstream and load on core {self.load_core}"
+        )
         ports = {name: procs.free_port() for name in ("upstream", "bare", "gateway")}
-        setup = gateway_config.build(ports["upstream"], self.slow_delay_ms, self.tmp)
+        up = ports["upstream"]
+        setup = gateway_config.build(up, self.slow_delay_ms, self.tmp)
         self.anthropic = setup.anthropic
         self.features = meta["gateway_features"] = setup.features
         config = self.tmp / "gateway.toml"
         config.write_text(setup.toml)
 
-        up = ports["upstream"]
-        argvs = {
-            "upstream": procs.python_argv("bench.fake_upstream", "--port", str(up)),
-            "bare": procs.python_argv(
-                "bench.bare_proxy",
-                "--port",
-                str(ports["bare"]),
-                "--upstream",
-                f"http://127.0.0.1:{up}",
-            ),
-            "gateway": procs.python_argv(
-                "gateway", "serve", "--config", str(config), "--port", str(ports["gateway"])
-            ),
-        }
-        for name, argv in argvs.items():
-            core = self.load_core if name == "upstream" else self.server_core
-            tries = 1 if name == "upstream" else STARTUP_TRIES
-            times = []
-            for _ in range(tries):  # the last one started stays up for the scenarios
-                if name in self.servers:
-                    self.servers[name].stop()
-                log = self.tmp / f"{name}.log"
-                self.servers[name] = procs.start(name, argv, ports[name], core, log)
-                times.append(self.servers[name].ready_s * 1000)
-            if name != "upstream":
-                listed = ", ".join(f"{t:.0f}" for t in times)
-                note = f"spawn to accepting: best of {tries} ({listed} ms)"
-                extra = {"ready_ms": min(times), "ready_median_ms": sorted(times)[tries // 2]}
-                self.results.add(Row(name, "startup", note=note, extra=extra))
+        self._spawn("upstream", procs.python_argv("bench.fake_upstream", "--port", str(up)), up)
+        bare = ["--port", str(ports["bare"]), "--upstream", f"http://127.0.0.1:{up}"]
+        self._spawn("bare", procs.python_argv("bench.bare_proxy", *bare), ports["bare"])
+        gateway = ["serve", "--config", str(config), "--port", str(ports["gateway"])]
+        self._spawn("gateway", procs.python_argv("gateway", *gateway), ports["gateway"])
         procs.pin_self(self.load_core)
+
+    def _choose_loadgen(self) -> str:
+        if self.opts.loadgen == "builtin":
+            return "built-in asyncio generator (--loadgen builtin)"
+        self.wrk, how = loadgen.ensure_wrk(self.opts.install)
+        if self.wrk is None and self.opts.loadgen == "wrk":
+            raise RuntimeError("--loadgen wrk: " + how)
+        return how
+
+    def _spawn(self, name: str, argv: list[str], port: int) -> None:
+        """Start a server; the proxies are started STARTUP_TRIES times to time their start."""
+        core = self.load_core if name == "upstream" else self.server_core
+        tries = 1 if name == "upstream" else STARTUP_TRIES
+        times = []
+        for _ in range(tries):  # the last one started stays up for the scenarios
+            if name in self.servers:
+                self.servers[name].stop()
+            self.servers[name] = procs.start(name, argv, port, core, self.tmp / f"{name}.log")
+            times.append(self.servers[name].ready_s * 1000)
+        if name != "upstream":
+            listed = ", ".join(f"{t:.0f}" for t in times)
+            note = f"spawn to accepting: best of {tries} ({listed} ms)"
+            extra = {"ready_ms": min(times), "ready_median_ms": sorted(times)[tries // 2]}
+            self.results.add(Row(name, "startup", note=note, extra=extra))
 
     def stop(self) -> None:
         for server in self.servers.values():
