@@ -8,7 +8,6 @@ python -m bench --scenario stream --scenario nonstream-1 --duration 5
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import subprocess
 import sys
@@ -81,7 +80,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=round(time.perf_counter() - started, 1),
         gateway_commit=_git_commit(),
         python=platform.python_version(),
-        cores=len(os.sched_getaffinity(0)),
         options={k: str(v) for k, v in vars(opts).items()},
     )
     results.compare()
@@ -108,7 +106,11 @@ def say(text: str) -> None:
 def _git_commit() -> str:
     try:
         done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         return done.stdout.strip()
     except OSError:

@@ -75,6 +75,7 @@ class Bench:
     def start(self) -> None:
         """Choose the load generator, write the gateway config, start the three servers."""
         meta = self.results.meta
+        meta["cores"] = len(procs.usable_cores())
         meta["fd_limit"] = procs.raise_fd_limit()
         meta["loadgen"] = self._choose_loadgen()
         meta["pinning"] = (
