@@ -1,0 +1,328 @@
+"""The scenarios: start the three servers, drive each target, measure the server process.
+
+Targets: ``upstream`` (the fake, straight), ``bare`` (the baseline proxy) and ``gateway``. With
+two cores or more the proxies run on the first core and the fake upstream and the load on the
+second, so the two proxies are measured on the same core under the same load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from . import fake_upstream, gateway_config, loadgen, payloads, procs, profile, streams
+from .loadgen import Load
+from .report import Results, Row
+
+SCENARIOS = (
+    "nonstream-1",
+    "nonstream-32",
+    "nonstream-256",
+    "stream",
+    "translated",
+    "large-prompt",
+    "slow-streams",
+)
+OPENAI_MODEL = "openai/gpt-bench"
+STARTUP_TRIES = 3  # the best of three spawns: other processes on a shared machine add noise
+NO_ANTHROPIC = "skipped: gateway has no anthropic provider kind"
+
+
+@dataclass
+class Options:
+    scenarios: list[str]
+    duration: float = 8.0
+    warmup: float = 1.0
+    stream_concurrency: int = 200
+    hold_streams: int = 5000
+    hold_seconds: float = 15.0
+    hold_rate: float = 1000.0  # slow streams opened per second
+    repeat: int = 1  # measure each target this many times, alternating; keep the fastest
+    loadgen: str = "auto"  # auto | wrk | builtin
+    profile: bool = False  # sample bare and gateway with py-spy while measured
+    install: bool = True  # apt-get install wrk when it is missing
+    results_dir: Path = field(default_factory=lambda: Path(__file__).parent / "results")
+
+
+class Bench:
+    def __init__(self, opts: Options, tmp: Path) -> None:
+        self.opts = opts
+        self.tmp = tmp
+        self.results = Results()
+        self.servers: dict[str, procs.Server] = {}
+        self.wrk: str | None = None
+        self.anthropic = False
+        self.features: dict[str, str] = {}
+        self.profiles: list[str] = []  # py-spy summaries, with --profile
+        cores = procs.usable_cores()
+        pinned = len(cores) >= 2
+        self.server_core = cores[0] if pinned else None
+        self.load_core = cores[1] if pinned else None
+
+    @property
+    def slow_delay_ms(self) -> int:
+        """The fake's pause before each chunk of a slow stream, so that one lasts hold_seconds."""
+        return max(1, round(self.opts.hold_seconds * 1000 / fake_upstream.STREAM_CHUNKS))
+
+    # --- set-up -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Choose the load generator, write the gateway config, start the three servers."""
+        meta = self.results.meta
+        meta["cores"] = len(procs.usable_cores())
+        meta["fd_limit"] = procs.raise_fd_limit()
+        meta["loadgen"] = self._choose_loadgen()
+        meta["pinning"] = (
+            "none (fewer than 2 cores)"
+            if self.server_core is None
+            else f"proxies on core {self.server_core}; upstream and load on core {self.load_core}"
+        )
+        ports = {name: procs.free_port() for name in ("upstream", "bare", "gateway")}
+        up = ports["upstream"]
+        setup = gateway_config.build(up, self.slow_delay_ms, self.tmp)
+        self.anthropic = setup.anthropic
+        self.features = meta["gateway_features"] = setup.features
+        config = self.tmp / "gateway.toml"
+        config.write_text(setup.toml)
+
+        self._spawn("upstream", procs.python_argv("bench.fake_upstream", "--port", str(up)), up)
+        bare = ["--port", str(ports["bare"]), "--upstream", f"http://127.0.0.1:{up}"]
+        self._spawn("bare", procs.python_argv("bench.bare_proxy", *bare), ports["bare"])
+        gateway = ["serve", "--config", str(config), "--port", str(ports["gateway"])]
+        self._spawn("gateway", procs.python_argv("gateway", *gateway), ports["gateway"])
+        procs.pin_self(self.load_core)
+
+    def _choose_loadgen(self) -> str:
+        if self.opts.loadgen == "builtin":
+            return "built-in asyncio generator (--loadgen builtin)"
+        self.wrk, how = loadgen.ensure_wrk(self.opts.install)
+        if self.wrk is None and self.opts.loadgen == "wrk":
+            raise RuntimeError("--loadgen wrk: " + how)
+        return how
+
+    def _spawn(self, name: str, argv: list[str], port: int) -> None:
+        """Start a server; the proxies are started STARTUP_TRIES times to time their start."""
+        core = self.load_core if name == "upstream" else self.server_core
+        tries = 1 if name == "upstream" else STARTUP_TRIES
+        times = []
+        for _ in range(tries):  # the last one started stays up for the scenarios
+            if name in self.servers:
+                self.servers[name].stop()
+            self.servers[name] = procs.start(name, argv, port, core, self.tmp / f"{name}.log")
+            times.append(self.servers[name].ready_s * 1000)
+        if name != "upstream":
+            listed = ", ".join(f"{t:.0f}" for t in times)
+            note = f"spawn to accepting: best of {tries} ({listed} ms)"
+            extra = {"ready_ms": min(times), "ready_median_ms": sorted(times)[tries // 2]}
+            self.results.add(Row(name, "startup", note=note, extra=extra))
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+
+    def keep_logs(self, directory: Path) -> None:
+        """Copy the servers' logs and the gateway config out of the temp dir."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in [*self.tmp.glob("*.log"), self.tmp / "gateway.toml"]:
+            if path.exists():
+                shutil.copy(path, directory / path.name)
+
+    async def check_paths(self) -> None:
+        """One request per target before measuring: a broken setup fails here, clearly."""
+        for target in ("upstream", "bare", "gateway"):
+            status, text = await probe(self.load(target, "nonstream"))
+            if status != 200:
+                log = self.servers[target].log.read_text(errors="replace")[-1500:]
+                raise RuntimeError(f"{target} answered {status}: {text[:500]}\n{log}")
+
+    def load(self, target: str, kind: str, model: str = OPENAI_MODEL) -> Load:
+        port = self.servers[target].port
+        if kind == "slow" and target != "gateway":
+            path = f"/slow/{self.slow_delay_ms}/v1/chat/completions"
+            return payloads.chat_load(port, "slow/gpt-bench", path=path, stream=True)
+        if kind == "slow":
+            return payloads.chat_load(port, "slow/gpt-bench", stream=True)
+        if kind == "anthropic":
+            return payloads.chat_load(port, "anthropic/claude-bench")
+        if kind == "large":
+            return Load(port, payloads.CHAT_PATH, payloads.large_body(model), payloads.HEADERS)
+        return payloads.chat_load(port, model, stream=kind == "stream")
+
+    # --- scenarios --------------------------------------------------------------------------
+
+    async def run(self, scenario: str) -> None:
+        """Measure each target in turn, `repeat` times, and keep each target's fastest run."""
+        if scenario == "translated":
+            skipped = await self.translated_skipped()
+            if skipped:
+                self.results.add(Row("gateway", "translated", note=skipped))
+                return
+        targets, measure = self.plan(scenario)
+        repeat = 1 if scenario == "slow-streams" else self.opts.repeat
+        runs: dict[str, list[Row]] = {t: [] for t in targets}
+        for _ in range(repeat):
+            for target in targets:
+                runs[target].append(await measure(target))
+        for target in targets:
+            best = max(runs[target], key=lambda r: r.rps or 0.0)
+            if repeat > 1:
+                listed = ", ".join(f"{r.rps or 0:.0f}" for r in runs[target])
+                best.note += f"; best of {repeat} (req/s {listed})"
+            self.results.add(best)
+
+    def plan(self, scenario: str) -> tuple[tuple[str, ...], Callable[[str], Awaitable[Row]]]:
+        """The targets of a scenario and how to measure one of them."""
+        every, proxies = ("upstream", "bare", "gateway"), ("bare", "gateway")
+        if scenario.startswith("nonstream-"):
+            conns = int(scenario.split("-")[1])
+            return every, lambda t: self.closed_loop(t, scenario, self.load(t, "nonstream"), conns)
+        if scenario == "stream":
+            return every, self.stream
+        if scenario == "translated":
+            return proxies, self.translated
+        if scenario == "large-prompt":
+            return proxies, lambda t: self.closed_loop(t, scenario, self.load(t, "large"), 32)
+        if scenario == "slow-streams":
+            return proxies, self.slow_streams
+        raise ValueError(f"unknown scenario {scenario!r}")
+
+    async def closed_loop(self, target: str, scenario: str, load: Load, conns: int) -> Row:
+        server = self.servers[target]
+        gen = loadgen.generator(load, conns, self.wrk, self.load_core, self.tmp)
+        try:
+            if self.opts.warmup > 0:
+                await gen.run(self.opts.warmup)
+            spy = await self.start_profile(server, scenario)
+            before = self.snapshot(server)
+            result = await gen.run(self.opts.duration)
+            delta = self.snapshot(server) - before
+            await self.finish_profile(spy, server, scenario)
+        finally:
+            gen.close()
+        row = Row(target, scenario, result.rps, result.p50_ms, result.p99_ms, errors=result.errors)
+        row.note = f"{conns} conns" + (" (fake upstream's own CPU)" if target == "upstream" else "")
+        return self.measured(row, server, delta, result.ok)
+
+    async def start_profile(
+        self, server: procs.Server, scenario: str
+    ) -> asyncio.subprocess.Process | None:
+        if not self.opts.profile or server.name == "upstream":
+            return None
+        out = self.opts.results_dir / f"profile-{server.name}-{scenario}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        spy = await profile.record(server.proc.pid, self.opts.duration, out)
+        if spy is None:
+            self.results.meta["profile"] = "py-spy is not installed: pip install py-spy"
+        return spy
+
+    async def finish_profile(
+        self, spy: asyncio.subprocess.Process | None, server: procs.Server, scenario: str
+    ) -> None:
+        if spy is None:
+            return
+        await spy.wait()
+        out = self.opts.results_dir / f"profile-{server.name}-{scenario}.txt"
+        if out.exists():
+            self.profiles.append(profile.summarize(out))
+
+    def snapshot(self, server: procs.Server) -> procs.Snapshot:
+        core = self.load_core if server.name == "upstream" else self.server_core
+        return procs.snapshot(server, core)
+
+    def measured(self, row: Row, server: procs.Server, delta: procs.Snapshot, count: int) -> Row:
+        """CPU per request, RSS now, and the notes that say how much to trust the numbers."""
+        row.cpu_us = delta.cpu / count * 1e6 if count else None
+        if row.rss_mb is None:
+            row.rss_mb = server.rss_mb()
+        row.extra["listen_overflows"] = delta.overflows
+        row.extra["others_on_core_percent"] = round(delta.others_percent, 1)
+        if delta.overflows:
+            row.note += f"; {delta.overflows} listen-queue overflows"
+        if delta.others_percent >= 5 and server.name != "upstream":  # its core runs the load too
+            row.note += f"; other processes took {delta.others_percent:.0f}% of its core"
+        return row
+
+    async def stream(self, target: str) -> Row:
+        server = self.servers[target]
+        load = self.load(target, "stream")
+        n = self.opts.stream_concurrency
+        clients = loadgen.Clients(load, n)
+        try:
+            if self.opts.warmup > 0:
+                await clients.run(self.opts.warmup)
+            spy = await self.start_profile(server, "stream")
+            before = self.snapshot(server)
+            replies, errors, seconds = await clients.run(self.opts.duration)
+            delta = self.snapshot(server) - before
+            await self.finish_profile(spy, server, "stream")
+        finally:
+            clients.close()
+        result = streams.stream_result(replies, errors, seconds)
+        row = Row(target, "stream", result.rps, result.ttft_ms(50), result.ttft_ms(99))
+        row.errors = result.errors
+        row.extra = {"total_p50_ms": result.total_ms(50), "total_p99_ms": result.total_ms(99)}
+        row.note = f"{n} concurrent streams; p50/p99 = TTFT; total p50 {result.total_ms(50):.2f} ms"
+        return self.measured(row, server, delta, result.ok)
+
+    async def translated_skipped(self) -> str:
+        """Why the translated path cannot be measured, or '' when it can."""
+        if not self.anthropic:
+            return NO_ANTHROPIC
+        status, text = await probe(self.load("gateway", "anthropic"))
+        if status != 200:
+            return f"{NO_ANTHROPIC} (check-config accepts it; a request got {status} {_code(text)})"
+        return ""
+
+    async def translated(self, target: str) -> Row:
+        """The gateway to the Anthropic-format fake; bare forwards OpenAI format to OpenAI."""
+        kind = "anthropic" if target == "gateway" else "nonstream"
+        row = await self.closed_loop(target, "translated", self.load(target, kind), 32)
+        if target == "gateway":
+            row.note = "32 conns, OpenAI client -> Anthropic upstream (bare: OpenAI -> OpenAI)"
+        return row
+
+    async def slow_streams(self, target: str) -> Row:
+        server = self.servers[target]
+        n = self.opts.hold_streams
+        before = self.snapshot(server)
+        load = self.load(target, "slow")
+        result = await streams.hold_streams(load, n, server.rss_mb, self.opts.hold_rate)
+        delta = self.snapshot(server) - before
+        busy = delta.cpu / delta.time * 100
+        row = Row(target, "slow-streams", rss_mb=result.peak_rss_mb, errors=result.errors)
+        row.extra = {"streams": n, "most_held": result.most_held, "cpu_percent": busy}
+        row.extra["ramp_s"] = result.ramp_seconds
+        kinds = ", ".join(f"{k}: {v}" for k, v in result.error_kinds.items())
+        row.note = (
+            f"{result.most_held}/{n} held at once, {self.opts.hold_seconds:g} s each, "
+            f"all connected in {result.ramp_seconds:.1f} s; "
+            f"RSS = peak; CPU/stream; {busy:.0f}% of a core"
+            + (f"; errors {kinds}" if kinds else "")
+        )
+        return self.measured(row, server, delta, n)
+
+
+def _code(body: str) -> str:
+    """The error code of an OpenAI error envelope, else the start of the body."""
+    try:
+        error = json.loads(body).get("error") or {}
+        return str(error.get("code") or error.get("message", ""))[:80]
+    except (ValueError, AttributeError):
+        return body[:80]
+
+
+async def probe(load: Load) -> tuple[int, str]:
+    """One request with aiohttp: the status and the body, for sanity checks and skip notes."""
+    url = f"http://127.0.0.1:{load.port}{load.path}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, data=load.body, headers=load.headers) as resp:
+                return resp.status, await resp.text()
+    except aiohttp.ClientError as e:
+        return 0, str(e)
