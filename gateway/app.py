@@ -71,7 +71,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     exchange = Exchange(
         client_id if client_id and _CLIENT_REQUEST_ID.match(client_id) else _new_request_id(),
         rt,
-        request.remote or "",
+        state.limiter.client_ip(request.remote, request.headers.get("X-Forwarded-For")) or "",
     )
     exchange.endpoint = ENDPOINTS.get(getattr(handler, "__name__", ""), "other")
     request[EXCHANGE] = exchange
@@ -103,9 +103,15 @@ def _account(request: web.Request, exchange: Exchange, state: GatewayState) -> N
     ttft_ms = (exchange.first_byte_at - exchange.started) * 1000 if exchange.first_byte_at else None
     usage = exchange.usage
     deployment = exchange.deployment
+    if not usage.reported and usage.streamed_chars and deployment is not None:
+        # a stream that ended early never got the upstream's count: estimate what was used
+        usage.prompt_tokens = usage.prompt_tokens or exchange.prompt_estimate
+        usage.completion_tokens = usage.estimate_output()
     cost = cost_of(deployment.model, usage) if deployment is not None else 0.0
     status = exchange.status or (499 if exchange.client_closed else 500)
-    if exchange.key_id:
+    ticket = exchange.ticket
+    if ticket is not None:  # admitted by the limiter: settle, and account for it
+        ticket.settle(usage.total_tokens, cost)
         state.usage.record(
             UsageRecord(
                 ts=exchange.ts,
@@ -187,6 +193,11 @@ async def _add_headers(request: web.Request, response: web.StreamResponse) -> No
         return
     headers = response.headers
     headers["X-Request-Id"] = exchange.request_id
+    ticket = exchange.ticket
+    if ticket is not None:
+        headers.update(ticket.headers)
+        if ticket.warning:
+            headers["X-Gateway-Warning"] = ticket.warning
     if exchange.deployment is not None:
         headers["X-Gateway-Provider"] = exchange.deployment.provider.name
     # the gateway's own time and the upstream's, so that operators can see the overhead

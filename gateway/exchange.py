@@ -15,6 +15,7 @@ from .translate.base import Usage
 
 if TYPE_CHECKING:
     from .errors import GatewayError
+    from .limits import Ticket
     from .router import Deployment
     from .runtime import Runtime
 
@@ -31,11 +32,13 @@ class Exchange:
         "first_byte_at",
         "key_id",
         "model",
+        "prompt_estimate",
         "request_id",
         "runtime",
         "started",
         "status",
         "stream",
+        "ticket",
         "ts",
         "upstream_ended",
         "upstream_started",
@@ -62,6 +65,8 @@ class Exchange:
         self.upstream_started = 0.0
         self.upstream_ended = 0.0
         self.first_byte_at = 0.0  # when the first streamed content went to the client
+        self.ticket: Ticket | None = None  # the limiter's reservation, once admitted
+        self.prompt_estimate = 0  # input tokens as estimated before sending
 
     def start_upstream(self, deployment: Deployment) -> None:
         self.deployment = deployment

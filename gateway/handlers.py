@@ -9,6 +9,7 @@ middleware in ``app.py``, which also records usage and logs the request.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import orjson
@@ -21,6 +22,7 @@ from .errors import (
     GatewayError,
     InvalidRequest,
     ModelNotFound,
+    QuotaExceeded,
     ServiceUnavailable,
     UnsupportedMediaType,
 )
@@ -28,8 +30,9 @@ from .exchange import EXCHANGE, Exchange
 from .resilience import Breaker, parse_retry_after, weighted_order
 from .runtime import STATE, Runtime
 from .streaming import StreamTimeouts, StreamWatch, pipe, prepare_sse
-from .translate.base import Endpoint, Translator, UpstreamCall, translator_for
+from .translate.base import Endpoint, Translator, UpstreamCall, Usage, translator_for
 from .translate.sse import KEEPALIVE, encode
+from .usage import cost_of
 
 if TYPE_CHECKING:
     from .router import Deployment, Route
@@ -39,22 +42,27 @@ if TYPE_CHECKING:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     rt, principal = authenticate(request)
-    body = validate.chat_request(await read_json(request))
-    route = rt.router.resolve(body["model"], principal, "chat")
-    return await forward(request, rt, route, dict(body), "chat")
+    chat = validate.chat_request(await read_json(request))
+    body: JSONObject = dict(chat)
+    route = rt.router.resolve(chat["model"], principal, "chat")
+    admit(request, principal, route, body, "chat")
+    return await forward(request, rt, route, body, "chat")
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     rt, principal = authenticate(request)
-    body = validate.embedding_request(await read_json(request))
-    route = rt.router.resolve(body["model"], principal, "embeddings")
-    return await forward(request, rt, route, dict(body), "embeddings")
+    embed = validate.embedding_request(await read_json(request))
+    body: JSONObject = dict(embed)
+    route = rt.router.resolve(embed["model"], principal, "embeddings")
+    admit(request, principal, route, body, "embeddings")
+    return await forward(request, rt, route, body, "embeddings")
 
 
 async def image_generations(request: web.Request) -> web.StreamResponse:
     rt, principal = authenticate(request)
     body = validate.image_request(await read_json(request))
     route = rt.router.resolve(body["model"], principal, "images")
+    admit(request, principal, route, body, "images")
     return await forward(request, rt, route, body, "images")
 
 
@@ -62,16 +70,19 @@ async def audio_speech(request: web.Request) -> web.StreamResponse:
     rt, principal = authenticate(request)
     body = validate.speech_request(await read_json(request))
     route = rt.router.resolve(body["model"], principal, "speech")
+    admit(request, principal, route, body, "speech")
     return await forward(request, rt, route, body, "speech")
 
 
 async def list_models(request: web.Request) -> web.Response:
     rt, principal = authenticate(request)
+    admit(request, principal, None, {}, "models")
     return json_response(model_list(rt.router, principal, request.query))
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
     rt, principal = authenticate(request)
+    admit(request, principal, None, {}, "models")
     name = request.match_info["model"]
     found = model_object(rt.router, principal, name)
     if found is None:
@@ -145,12 +156,37 @@ async def forward_stream(
                 keepalive=s.keepalive_interval,
             )
             watch = StreamWatch(response, timeouts, p.name, upstream)
-        return await pipe(request, response, upstream, translator, exchange, watch, sse)
+        cutoff = budget_cutoff(rt, exchange, deployment, translator)
+        return await pipe(request, response, upstream, translator, exchange, watch, sse, cutoff)
     finally:
         if watch is not None:
             watch.stop()
         upstream.release()
         exchange.usage = translator.usage
+
+
+def budget_cutoff(
+    rt: Runtime, exchange: Exchange, deployment: Deployment, translator: Translator
+) -> Callable[[], GatewayError | None] | None:
+    """A check, run after each streamed chunk, that ends a stream whose real usage crosses
+    the key's daily token quota or budget (when the config says to cut such streams)."""
+    ticket = exchange.ticket
+    if ticket is None or not ticket.bounded or not rt.config.limits.cut_off_streams:
+        return None
+    model = deployment.model
+
+    def over() -> GatewayError | None:
+        usage = Usage(
+            prompt_tokens=exchange.prompt_estimate,
+            completion_tokens=translator.usage.estimate_output(),
+        )
+        if ticket.exceeded(usage.total_tokens, cost_of(model, usage)):
+            return QuotaExceeded(
+                "This key's token quota or budget ran out during the stream; it was cut here."
+            )
+        return None
+
+    return over
 
 
 async def open_upstream(
@@ -256,6 +292,46 @@ async def send(
     finally:
         if not settled:
             breaker.released()
+
+
+# Output tokens reserved for a request that sets no max_tokens, on a model with no cap in the
+# config: the reservation is released to the real count when the answer ends.
+DEFAULT_OUTPUT_RESERVATION = 4096
+
+
+def admit(
+    request: web.Request,
+    principal: Principal,
+    route: Route | None,
+    body: JSONObject,
+    endpoint: str,
+) -> None:
+    """Reserve the request's estimated tokens and cost against the key's limits, or raise 429.
+
+    The estimate is the body's size in bytes / 4 for the input and ``max_tokens`` (else the
+    model's cap, else DEFAULT_OUTPUT_RESERVATION) for a chat answer.
+    """
+    exchange = request[EXCHANGE]
+    prompt = (request.content_length or 0) // 4
+    output = 0
+    cost = 0.0
+    if route is not None:
+        model = route.deployments[0].model
+        if endpoint == "chat":
+            asked = body.get("max_completion_tokens") or body.get("max_tokens")
+            cap = model.max_tokens or DEFAULT_OUTPUT_RESERVATION
+            output = asked if isinstance(asked, int) else cap
+        cost = cost_of(model, Usage(prompt_tokens=prompt, completion_tokens=output))
+    exchange.prompt_estimate = prompt
+    limiter_class = endpoint if endpoint in ("chat", "embeddings") else "standard"
+    exchange.ticket = request.app[STATE].limiter.admit(
+        principal.key_id,
+        principal.limits,
+        exchange.client_ip,
+        limiter_class,  # type: ignore[arg-type]
+        prompt + output,
+        cost,
+    )
 
 
 def authenticate(request: web.Request) -> tuple[Runtime, Principal]:

@@ -331,6 +331,11 @@ class Ticket:
             self._headers = _rate_headers(*self._snapshot)
         return self._headers
 
+    @property
+    def bounded(self) -> bool:
+        """Whether a daily token quota or a budget applies, so that a stream may be cut."""
+        return bool(self._limits.tokens_per_day or self._limits.budget)
+
     def settle(self, tokens: int, cost: float) -> None:
         """Replace the reservation by the real usage (0, 0 for a failed request). Idempotent."""
         if self._settled:

@@ -2,34 +2,42 @@
 
 A request takes ``state.runtime`` once, when it arrives, and keeps that object to its end, so a
 reload (which swaps ``state.runtime``) never changes a request half-way. The old runtime's
-connection pools are closed once its last request is done.
+connection pools are closed once its last request is done. The limiter, the breakers and the
+usage store belong to ``GatewayState`` and survive reloads, so consumed quotas do too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime
 
 from aiohttp import web
 
 from . import config as config_module
-from .auth import KeyStore
+from .auth import KeyRecords, KeyStore
 from .config import Config
+from .limits import KeyStreak, Limiter
 from .resilience import Backoff, Breakers
 from .router import Router
 from .upstream import Upstream, make_upstream
-from .usage import UsageRecorder
+from .usage import TierState, UsageRecorder, UsageStore
 
 log = logging.getLogger("gateway")
+
+# How often the database is asked whether keys changed (from the CLI or another process).
+KEY_POLL_INTERVAL = 2.0
 
 
 class Runtime:
     """Everything built from one config: key store, router, upstream connections."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, records: KeyRecords) -> None:
         self.config = config
-        self.keys = KeyStore(config.keys)
+        self.keys = KeyStore(config, records)
         self.router = Router(config)
         self.backoff = Backoff(config.server.retry_backoff, cap=8.0)
         self.upstreams: dict[str, Upstream] = {
@@ -69,15 +77,37 @@ class Runtime:
 
 class GatewayState:
     def __init__(self, config: Config) -> None:
-        self.runtime = Runtime(config)
+        self.records = KeyRecords()
+        self.runtime = Runtime(config, self.records)
         s = config.server
         self.breakers = Breakers(s.breaker_failures, s.breaker_cooldown)
+        self.limiter = Limiter(config.limits)
         self.usage = UsageRecorder(config.storage)
         self.reloads = 0
+        self._keys_generation = -1
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def config(self) -> Config:
         return self.runtime.config
+
+    async def start(self) -> None:
+        await self.runtime.start()
+        await self.usage.start()
+        await self.load_keys()
+        await self._restore_limits()
+        self._tasks = [
+            asyncio.ensure_future(self._watch_keys()),
+            asyncio.ensure_future(self._daily_rollover()),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.runtime.close()
+        await self.usage.close()
 
     async def reload(self) -> bool:
         """Read the config file again and switch to it; keep the old one if it is broken."""
@@ -89,7 +119,7 @@ class GatewayState:
             return False
         if config.storage != self.config.storage:
             log.warning("reload: [storage] changes take effect after a restart")
-        new = Runtime(config)
+        new = Runtime(config, self.records)
         try:
             await new.start()
         except Exception:
@@ -98,6 +128,7 @@ class GatewayState:
             return False
         old, self.runtime = self.runtime, new
         self.breakers.reconfigure(config.server.breaker_failures, config.server.breaker_cooldown)
+        self.limiter.reconfigure(config.limits)
         old.retire()
         self.reloads += 1
         _warn_disabled(config)
@@ -109,6 +140,84 @@ class GatewayState:
             len(new.keys),
         )
         return True
+
+    async def load_keys(self) -> None:
+        """Read managed keys, revocations and earned tiers, and rebuild the key store."""
+        usage = self.usage
+        self._keys_generation = await usage.call(UsageStore.keys_generation)
+        self.records = KeyRecords(
+            managed=await usage.valid_keys(),
+            revoked=await usage.revoked_ids(),
+            tiers=await usage.call(UsageStore.tier_states),
+        )
+        self.runtime.keys = KeyStore(self.config, self.records)
+        for key_id in self.records.revoked:
+            self.limiter.forget(key_id)
+
+    async def _restore_limits(self) -> None:
+        """Give the limiter back today's requests and tokens and the period's spend."""
+        day = self.limiter.period_start("day") or 0.0
+        since = {p: self.limiter.period_start(p) or 0.0 for p in ("day", "month", "total")}
+        counters = {
+            period: await self.usage.restore_counters(day, start) for period, start in since.items()
+        }
+        for p in self.runtime.keys.principals():
+            c = counters[p.limits.budget_period].get(p.key_id)
+            if c is not None:
+                self.limiter.restore(
+                    p.key_id,
+                    day_requests=c.requests_today,
+                    day_tokens=c.tokens_today,
+                    period_cost=c.cost,
+                    budget_period=p.limits.budget_period,
+                )
+        for state in self.records.tiers.values():
+            if state.last_day:
+                streak = KeyStreak(state.clean_days, date.fromisoformat(state.last_day))
+                self.limiter.restore_streak(state.key_id, streak)
+
+    async def _watch_keys(self) -> None:
+        """Pick up keys created, rotated or revoked by another process (the CLI)."""
+        while True:
+            await asyncio.sleep(KEY_POLL_INTERVAL)
+            try:
+                generation = await self.usage.call(UsageStore.keys_generation)
+                change = await self.usage.call(UsageStore.next_key_change)
+                if generation != self._keys_generation or (change and change <= time.time()):
+                    await self.load_keys()
+            except Exception:
+                log.exception("could not read keys from the usage database")
+
+    async def _daily_rollover(self) -> None:
+        """At each daily reset: move keys up a tier where their record earns it."""
+        while True:
+            await asyncio.sleep(self.limiter.seconds_until_day_reset() + 1)
+            try:
+                await self.rollover()
+            except Exception:
+                log.exception("daily tier rollover failed")
+
+    async def rollover(self) -> None:
+        principals = self.runtime.keys.principals()
+        tiers = {p.key_id: p.tier for p in principals}
+        upgrades = self.limiter.rollover(tiers, self.config.tiers)
+        for key_id, old, new in upgrades:
+            tiers[key_id] = new
+            reason = "automatic upgrade: used without hitting a limit"
+            state = TierState(key_id, new, 0, _today(), time.time())
+            await self.usage.call(UsageStore.add_tier_change, key_id, old, new, reason, state=state)
+            log.info("key %s moved from tier %s to %s", key_id, old, new)
+        for key_id, streak in self.limiter.streaks().items():
+            state = TierState(
+                key_id, tiers.get(key_id), streak.days, streak.through.isoformat(), time.time()
+            )
+            await self.usage.call(UsageStore.set_tier_state, state)
+        if upgrades:
+            await self.load_keys()
+
+
+def _today() -> str:
+    return datetime.now(UTC).date().isoformat()
 
 
 STATE = web.AppKey("state", GatewayState)
@@ -128,9 +237,7 @@ def _warn_disabled(config: Config) -> None:
 async def state_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     _warn_disabled(state.config)
-    await state.runtime.start()
-    await state.usage.start()
+    await state.start()
     yield
     # aiohttp has let the requests in flight finish (or cancelled them) before this point
-    await state.runtime.close()
-    await state.usage.close()
+    await state.close()

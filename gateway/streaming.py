@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -132,6 +133,7 @@ async def pipe(
     exchange: Exchange,
     watch: StreamWatch | None,
     sse: bool,
+    cutoff: Callable[[], GatewayError | None] | None = None,
 ) -> web.StreamResponse:
     """Pass the upstream's stream to the client, translated, as each chunk arrives.
 
@@ -162,6 +164,11 @@ async def pipe(
                 await response.write(out)
                 if watch is not None:
                     watch.client_write()
+                if cutoff is not None:
+                    stop = cutoff()
+                    if stop is not None:
+                        upstream.abort()
+                        raise stop
         out = translator.response_end()
         if out:
             await response.write(out)

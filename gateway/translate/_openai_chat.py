@@ -85,10 +85,11 @@ def completion(
 class ChunkWriter:
     """The OpenAI chunks of one translated stream."""
 
-    __slots__ = ("_head", "_include_usage", "_model", "_roles_sent", "id")
+    __slots__ = ("_head", "_include_usage", "_model", "_roles_sent", "id", "usage")
 
-    def __init__(self, model: str, include_usage: bool) -> None:
+    def __init__(self, model: str, include_usage: bool, usage: Usage) -> None:
         self.id = ""
+        self.usage = usage
         self._model = model
         self._include_usage = include_usage
         self._roles_sent: set[int] = set()
@@ -128,15 +129,22 @@ class ChunkWriter:
         return encode(self._head + b"," + body[1:])
 
     def text(self, text: str, index: int = 0) -> bytes:
-        return self._chunk(index, {"content": text}) if text else b""
+        if not text:
+            return b""
+        self.usage.streamed_chars += len(text)
+        return self._chunk(index, {"content": text})
 
     def reasoning(self, text: str, index: int = 0) -> bytes:
-        return self._chunk(index, {"reasoning_content": text}) if text else b""
+        if not text:
+            return b""
+        self.usage.streamed_chars += len(text)
+        return self._chunk(index, {"reasoning_content": text})
 
     def tool_call(
         self, call_index: int, call_id: str, name: str, arguments: str = "", index: int = 0
     ) -> bytes:
         """The first delta of a tool call: its id and name (and any arguments already known)."""
+        self.usage.streamed_chars += len(name) + len(arguments)
         call = {
             "index": call_index,
             "id": call_id,
@@ -148,6 +156,7 @@ class ChunkWriter:
     def tool_arguments(self, call_index: int, fragment: str, index: int = 0) -> bytes:
         if not fragment:
             return b""
+        self.usage.streamed_chars += len(fragment)
         call = {"index": call_index, "function": {"arguments": fragment}}
         return self._chunk(index, {"tool_calls": [call]})
 

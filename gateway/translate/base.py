@@ -44,6 +44,15 @@ class Usage:
     cache_write_tokens: int = 0  # input tokens written to a prompt cache
     reasoning_tokens: int = 0
     reported: bool = False  # the upstream reported these numbers (else they are estimates)
+    # Characters of content streamed so far, to estimate output tokens before (or without)
+    # the upstream's own count: a stream cut short never gets one.
+    streamed_chars: int = 0
+
+    def estimate_output(self) -> int:
+        """Output tokens: the upstream's count if it gave one, else an estimate."""
+        if self.reported and self.completion_tokens:
+            return self.completion_tokens
+        return max(self.completion_tokens, (self.streamed_chars + 3) // 4)
 
     @property
     def total_tokens(self) -> int:

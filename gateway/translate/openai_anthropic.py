@@ -71,7 +71,7 @@ class OpenAIToAnthropicChat:
         self.provider = deployment.provider.name
         self.usage = Usage()
         self.complete = False
-        self._writer = ChunkWriter(requested, include_usage=False)
+        self._writer = ChunkWriter(requested, False, self.usage)
         self._sse = SSEParser()
         self._tool_index: dict[int, int] = {}  # content block index -> tool call index
 
@@ -131,7 +131,7 @@ class OpenAIToAnthropicChat:
         stream = body.get("stream") is True
         if stream:
             out["stream"] = True
-            self._writer = ChunkWriter(self.requested, include_usage=wants_usage(body))
+            self._writer = ChunkWriter(self.requested, wants_usage(body), self.usage)
         return UpstreamCall("/messages", orjson.dumps(out), stream)
 
     # --- whole response --------------------------------------------------------------------

@@ -107,7 +107,7 @@ class OpenAIToGeminiChat:
         self.provider = deployment.provider.name
         self.usage = Usage()
         self.complete = False
-        self._writer = ChunkWriter(requested, include_usage=False)
+        self._writer = ChunkWriter(requested, False, self.usage)
         self._sse = SSEParser()
         self._started = False
         self._calls: dict[int, int] = {}  # candidate index -> tool calls sent so far
@@ -135,7 +135,7 @@ class OpenAIToGeminiChat:
         stream = body.get("stream") is True
         path = _model_path(self.deployment)
         if stream:
-            self._writer = ChunkWriter(self.requested, include_usage=wants_usage(body))
+            self._writer = ChunkWriter(self.requested, wants_usage(body), self.usage)
             return UpstreamCall(path + ":streamGenerateContent?alt=sse", orjson.dumps(out), True)
         return UpstreamCall(path + ":generateContent", orjson.dumps(out), False)
 

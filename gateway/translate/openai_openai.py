@@ -99,6 +99,12 @@ class OpenAIChat(_PassThrough):
         obj = _load_object(data, self.provider)
         if "error" in obj:  # an upstream error event: the stream is over
             raise openai_error(500, data, {}, self.provider)
+        for choice in obj.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict):
+                content = delta.get("content")
+                if isinstance(content, str):
+                    self.usage.streamed_chars += len(content)
         usage = obj.get("usage")
         if usage:
             take_openai_usage(self.usage, usage)
