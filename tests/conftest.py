@@ -192,7 +192,9 @@ async def make_gateway(aiohttp_server, fakes: Fakes, tmp_path) -> AsyncIterator[
             urls["openai"] = openai_url
         db = tmp_path / f"usage-{len(made)}.db"
         text = toml if toml is not None else gateway_toml(urls, extra, server, str(db))
-        config = config_module.loads(text, source=str(tmp_path / "gateway.toml"))
+        source = tmp_path / f"gateway-{len(made)}.toml"
+        source.write_text(text)  # so that a test can edit it and reload
+        config = config_module.load(source)
         app_server = await aiohttp_server(build(config, access_log=AccessLog(devnull)))
         made.append(Gateway(app_server, fakes))
         return made[-1]

@@ -1,0 +1,266 @@
+"""Rate limits, quotas and budgets as clients meet them: over loopback, with the openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from gateway.auth import hash_key, new_key
+
+from .conftest import CLIENT_KEY, Fakes, Gateway, MakeGateway, gateway_toml
+from .fakes.base import event_data, fixture_bytes, sse_events
+
+MESSAGES: list[Any] = [{"role": "user", "content": "What's the weather like in SF?"}]
+LIMITED = new_key()
+OTHER = new_key()
+
+
+def keys(limits: str = "", tier: str | None = None) -> str:
+    tier_line = f'tier = "{tier}"\n' if tier else ""
+    return f"""
+[[keys]]
+id = "limited"
+hash = "{hash_key(LIMITED)}"
+{tier_line}
+[keys.limits]
+{limits}
+
+[[keys]]
+id = "other"
+hash = "{hash_key(OTHER)}"
+{tier_line}
+[keys.limits]
+{limits}
+"""
+
+
+async def chat(
+    gateway: Gateway, key: str, headers: dict[str, str] | None = None, **extra: Any
+) -> tuple[int, dict[str, Any], Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gateway.base_url + "/chat/completions",
+            json={"model": "openai/gpt-4o", "messages": MESSAGES, **extra},
+            headers={"Authorization": f"Bearer {key}", **(headers or {})},
+        ) as resp,
+    ):
+        body = await resp.json() if resp.content_type == "application/json" else {}
+        return resp.status, body, resp.headers
+
+
+async def test_n_plus_one_requests_give_one_429_with_headers(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(extra=keys("chat_per_minute = 3"))
+    results = [await chat(gateway, LIMITED) for _ in range(4)]
+    assert [status for status, _, _ in results] == [200, 200, 200, 429]
+    _, _, first = results[0]
+    assert first["X-RateLimit-Limit-Requests"] == "3"
+    assert first["X-RateLimit-Remaining-Requests"] == "2"
+    assert first["X-RateLimit-Reset-Requests"] == "20s"
+    assert first["X-RateLimit-Limit"] == "3"
+    assert first["X-RateLimit-Remaining"] == "2"
+    assert int(first["X-RateLimit-Reset"]) in (19, 20)
+    assert results[2][2]["X-RateLimit-Remaining-Requests"] == "0"
+    _status, body, headers = results[3]
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert body["error"]["type"] == "rate_limit_error"
+    assert int(headers["Retry-After"]) in (19, 20)
+    assert headers["X-RateLimit-Remaining-Requests"] == "0"
+    # the refused request was never sent upstream, and is not billed
+    assert len(gateway.fake.requests) == 3
+    assert len(await gateway.records()) == 3
+
+
+async def test_keys_and_ips_have_their_own_buckets(make_gateway: MakeGateway) -> None:
+    extra = (
+        keys("chat_per_minute = 1")
+        + """
+[limits]
+ip_chat_per_minute = 1
+trusted_proxies = ["127.0.0.1"]
+"""
+    )
+    gateway = await make_gateway(extra=extra)
+    assert (await chat(gateway, LIMITED, {"X-Forwarded-For": "10.0.0.1"}))[0] == 200
+    assert (await chat(gateway, LIMITED, {"X-Forwarded-For": "10.0.0.2"}))[0] == 429  # key empty
+    assert (await chat(gateway, OTHER, {"X-Forwarded-For": "10.0.0.2"}))[0] == 200  # its own key
+    # a third key from an IP that used its one request is refused by the IP bucket
+    status, body, _ = await chat(gateway, CLIENT_KEY, {"X-Forwarded-For": "10.0.0.1"})
+    assert status == 429
+    assert "IP" in body["error"]["message"] or "address" in body["error"]["message"]
+    assert (await chat(gateway, CLIENT_KEY, {"X-Forwarded-For": "10.0.0.3"}))[0] == 200
+    records = await gateway.records()
+    assert {r.client_ip for r in records} == {"10.0.0.1", "10.0.0.2", "10.0.0.3"}
+
+
+async def test_forwarded_for_from_an_untrusted_peer_is_ignored(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(extra="[limits]\nip_chat_per_minute = 1\n")
+    assert (await chat(gateway, CLIENT_KEY, {"X-Forwarded-For": "10.0.0.1"}))[0] == 200
+    # spoofing another address does not buy a fresh bucket: the peer is 127.0.0.1 either way
+    assert (await chat(gateway, CLIENT_KEY, {"X-Forwarded-For": "10.0.0.9"}))[0] == 429
+
+
+async def test_sdk_retry_waits_for_retry_after(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(extra=keys("chat_per_minute = 60"))
+    client = gateway.aclient(key=LIMITED, max_retries=2)
+    for _ in range(60):
+        await client.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    started = time.monotonic()
+    answer = await client.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    assert answer.choices[0].message.content
+    assert time.monotonic() - started >= 0.9  # one request's worth of refill: 1 s
+
+
+async def test_token_quota_counts_real_usage_and_says_insufficient_quota(
+    make_gateway: MakeGateway,
+) -> None:
+    # the recorded completion uses 14 + 37 = 51 tokens; the estimate reserves more (max_tokens)
+    # each request reserves about 75 (its body / 4, plus max_tokens): the 4th does not fit
+    gateway = await make_gateway(extra=keys("tokens_per_day = 200"))
+    for _ in range(3):
+        status, _, headers = await chat(gateway, LIMITED, max_tokens=50)
+        assert status == 200
+    status, body, headers = await chat(gateway, LIMITED, max_tokens=50)
+    assert status == 429
+    assert body["error"]["code"] == "insufficient_quota"
+    assert body["error"]["type"] == "insufficient_quota"
+    assert int(headers["Retry-After"]) > 60  # until the daily reset
+    records = await gateway.records()
+    assert sum(r.prompt_tokens + r.completion_tokens for r in records) == 153
+
+
+async def test_streams_are_counted_with_their_real_usage(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(extra=keys("tokens_per_day = 100000"))
+    stream = await gateway.aclient(key=LIMITED).chat.completions.create(
+        model="openai/gpt-4o", messages=MESSAGES, stream=True
+    )
+    async for _ in stream:
+        pass
+    [record] = await gateway.records()
+    raw = fixture_bytes("openai/chat-stream-include-usage-text-after-tool.sse")
+    usage_event = next(e for e in sse_events(raw) if b'"choices":[]' in e)
+    usage = json.loads(event_data(usage_event))["usage"]
+    assert (record.prompt_tokens, record.completion_tokens) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
+    status, _, headers = await chat(gateway, LIMITED, max_tokens=10)
+    assert status == 200
+    # what the stream used, plus this request's reservation, is gone from the day's tokens
+    remaining = int(headers["X-RateLimit-Remaining-Tokens"])
+    assert remaining <= 100000 - usage["total_tokens"] - 10
+
+
+async def test_fifty_concurrent_requests_against_room_for_ten(make_gateway: MakeGateway) -> None:
+    body = {"model": "openai/gpt-4o", "messages": MESSAGES, "max_tokens": 40}
+    estimate = len(json.dumps(body).encode()) // 4 + 40  # what admission reserves
+    quota = 10 * estimate + estimate // 2  # room for exactly 10 reservations
+    gateway = await make_gateway(extra=keys(f"tokens_per_day = {quota}"))
+
+    results = await asyncio.gather(*[chat(gateway, LIMITED, max_tokens=40) for _ in range(50)])
+    admitted = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 429]
+    assert len(admitted) == 10
+    assert len(refused) == 40
+    assert {r[1]["error"]["code"] for r in refused} <= {"insufficient_quota", "rate_limit_exceeded"}
+    records = [r for r in await gateway.records() if r.key_id == "limited"]
+    used = sum(r.prompt_tokens + r.completion_tokens for r in records)
+    # the documented bound: the quota plus what admitted requests used beyond their reservation
+    overshoot = sum(max(0, r.prompt_tokens + r.completion_tokens - estimate) for r in records)
+    assert used <= quota + overshoot
+    assert used == 10 * 51  # the recorded completion's usage, each time
+
+
+async def test_soft_limit_warning(make_gateway: MakeGateway) -> None:
+    extra = keys("tokens_per_day = 200") + "[limits]\nsoft_limit = 0.5\n"
+    gateway = await make_gateway(extra=extra)
+    _, _, first = await chat(gateway, LIMITED, max_tokens=10)
+    assert "X-Gateway-Warning" not in first
+    await chat(gateway, LIMITED, max_tokens=10)
+    _, _, third = await chat(gateway, LIMITED, max_tokens=10)
+    assert "X-Gateway-Warning" in third
+
+
+async def test_budget_cuts_a_stream_mid_way(make_gateway: MakeGateway) -> None:
+    # a model whose configured cap (1 output token) is far below what it really writes: the
+    # reservation fits the budget, the real answer does not, and the stream is cut
+    extra = (
+        keys('budget = 0.04\nbudget_period = "day"')
+        + """
+[[providers]]
+name = "pricey"
+kind = "demo"
+models = [{ id = "talker", max_tokens = 1, price_in = 1000.0, price_out = 1000.0 }]
+"""
+    )
+    gateway = await make_gateway(extra=extra)
+    stream = await gateway.aclient(key=LIMITED).chat.completions.create(
+        model="pricey/talker", messages=[{"role": "user", "content": "hello"}], stream=True
+    )
+    words = []
+    with pytest.raises(openai.APIError) as caught:
+        async for chunk in stream:
+            words.append(chunk.choices[0].delta.content or "")
+    assert caught.value.code == "insufficient_quota"
+    assert 3 < len(words) < 40  # some of the answer arrived, not all of it
+    [record] = await gateway.records()
+    assert record.outcome == "insufficient_quota"
+    assert record.cost > 0.03
+
+
+async def test_limits_survive_a_restart(
+    make_gateway: MakeGateway, fakes: Fakes, tmp_path: Path
+) -> None:
+    toml = gateway_toml(
+        fakes.urls, keys("requests_per_day = 2"), "retries = 0", str(tmp_path / "shared.db")
+    )
+    one = await make_gateway(toml=toml)
+    assert (await chat(one, LIMITED))[0] == 200
+    assert (await chat(one, LIMITED))[0] == 200
+    await one.state.usage.flush()
+    two = await make_gateway(toml=toml)  # a new gateway on the same database
+    status, body, _ = await chat(two, LIMITED)
+    assert status == 429
+    assert body["error"]["code"] == "insufficient_quota"
+
+
+async def test_reload_changes_tier_and_keeps_what_was_used(make_gateway: MakeGateway) -> None:
+    tiers = """
+[tiers.free]
+requests_per_day = 2
+
+[tiers.pro]
+requests_per_day = 4
+"""
+    gateway = await make_gateway(extra=keys(tier="free") + tiers)
+    for _ in range(2):
+        assert (await chat(gateway, LIMITED))[0] == 200
+    assert (await chat(gateway, LIMITED))[0] == 429
+    path = Path(gateway.state.config.source)
+    path.write_text(path.read_text().replace('tier = "free"', 'tier = "pro"'))
+    assert await gateway.state.reload()
+    # two more, not four: the day's two requests still count
+    assert [(await chat(gateway, LIMITED))[0] for _ in range(3)] == [200, 200, 429]
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/models", "/v1/models/openai/gpt-4o"])
+async def test_standard_endpoints_have_their_own_bucket(
+    make_gateway: MakeGateway, endpoint: str
+) -> None:
+    gateway = await make_gateway(extra=keys("standard_per_minute = 1\nchat_per_minute = 5"))
+    async with aiohttp.ClientSession() as session:
+        statuses = []
+        for _ in range(2):
+            async with session.get(
+                gateway.url + endpoint, headers={"Authorization": f"Bearer {LIMITED}"}
+            ) as r:
+                statuses.append(r.status)
+    assert statuses == [200, 429]
+    assert (await chat(gateway, LIMITED))[0] == 200  # chat has its own bucket
