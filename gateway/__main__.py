@@ -10,9 +10,9 @@ import sys
 from collections.abc import Sequence
 
 from . import config as config_module
-from .auth import hash_key, new_key
+from . import keys_cli
 
-COMMANDS = ("serve", "check-config", "keys")
+COMMANDS = ("serve", "check-config", "keys", "usage")
 
 log = logging.getLogger("gateway")
 
@@ -53,20 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=_check_config)
 
-    keys = sub.add_parser("keys", help="manage client API keys")
-    keys_sub = keys.add_subparsers(title="key commands", metavar="KEYCOMMAND", required=True)
-    new = keys_sub.add_parser(
-        "new", help="print a new random key (once) and the [[keys]] block for the config"
-    )
-    new.add_argument("--id", default="my-app", help="a name for the key (default: my-app)")
-    new.add_argument(
-        "--models",
-        nargs="*",
-        default=None,
-        metavar="PATTERN",
-        help='models the key may use, e.g. "openai/*" (default: all)',
-    )
-    new.set_defaults(func=_keys_new)
+    keys_cli.add_commands(sub)
     return parser
 
 
@@ -92,19 +79,6 @@ def _check_config(ns: argparse.Namespace) -> int:
     print(f"  models: {models}, aliases: {len(config.aliases)}, client keys: {len(config.keys)}")
     if not config.keys:
         print("  warning: no [[keys]]: every request will be refused (401)")
-    return 0
-
-
-def _keys_new(ns: argparse.Namespace) -> int:
-    key = new_key()
-    print(f"New API key for '{ns.id}'. It is shown only this once; store it now:\n")
-    print(f"    {key}\n")
-    print("Add this block to the config file and restart (or reload) the gateway:\n")
-    print("[[keys]]")
-    print(f'id = "{ns.id}"')
-    print(f'hash = "{hash_key(key)}"')
-    if ns.models:
-        print("models = [" + ", ".join(f'"{m}"' for m in ns.models) + "]")
     return 0
 
 

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from . import handlers
+from . import admin, handlers
 from .accesslog import ACCESS_LOG, AccessLog, access_log_ctx, timestamp
 from .config import Config
 from .errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
@@ -34,6 +34,7 @@ ENDPOINTS = {
     "audio_speech": "speech",
     "list_models": "models",
     "retrieve_model": "models",
+    "usage": "usage",
 }
 
 
@@ -57,7 +58,9 @@ def build(config: Config, *, access_log: AccessLog | None = None) -> web.Applica
         app.router.add_get(
             f"{prefix}/models/{{model:.+}}", handlers.retrieve_model, allow_head=False
         )
+        app.router.add_get(f"{prefix}/usage", handlers.usage, allow_head=False)
     app.router.add_post("/api/v1/chat", handlers.chat_completions)
+    admin.add_routes(app)
     return app
 
 

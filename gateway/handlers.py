@@ -9,7 +9,9 @@ middleware in ``app.py``, which also records usage and logs the request.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
+from datetime import date
 from typing import TYPE_CHECKING
 
 import orjson
@@ -32,7 +34,7 @@ from .runtime import STATE, Runtime
 from .streaming import StreamTimeouts, StreamWatch, pipe, prepare_sse
 from .translate.base import Endpoint, Translator, UpstreamCall, Usage, translator_for
 from .translate.sse import KEEPALIVE, encode
-from .usage import cost_of
+from .usage import cost_of, default_period
 
 if TYPE_CHECKING:
     from .router import Deployment, Route
@@ -88,6 +90,14 @@ async def retrieve_model(request: web.Request) -> web.Response:
     if found is None:
         raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
     return json_response(found)
+
+
+async def usage(request: web.Request) -> web.Response:
+    """The caller's own usage: totals, per model and per day, for a period (this month)."""
+    _, principal = authenticate(request)
+    admit(request, principal, None, {}, "usage")
+    start, end = parse_period(request.query)
+    return json_response(await request.app[STATE].usage.summary(principal.key_id, start, end))
 
 
 async def forward(
@@ -332,6 +342,27 @@ def admit(
         prompt + output,
         cost,
     )
+
+
+def parse_period(query: Mapping[str, str], now: float | None = None) -> tuple[date, date]:
+    """`?start=YYYY-MM-DD&end=YYYY-MM-DD`, both days included; default: this month so far."""
+    default_start, default_end = default_period(now or time.time())
+    out = []
+    for name, default in (("start", default_start), ("end", default_end)):
+        raw = query.get(name)
+        if not raw:
+            out.append(default)
+            continue
+        try:
+            out.append(date.fromisoformat(raw))
+        except ValueError:
+            raise InvalidRequest(
+                f"'{name}' must be a date as YYYY-MM-DD, got '{raw[:40]}'.", param=name
+            ) from None
+    start, end = out
+    if start > end:
+        raise InvalidRequest("'start' must not be after 'end'.", param="start")
+    return start, end
 
 
 def authenticate(request: web.Request) -> tuple[Runtime, Principal]:

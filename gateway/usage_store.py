@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import NamedTuple, TypedDict
 
+import orjson
+
 NANO = 1_000_000_000
 DAY = 86_400.0
 
@@ -282,11 +284,17 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 # The record tuple is bound as it is: SQL does the few conversions, so that a batch costs no
 # Python work per record.
-_INSERT = """INSERT INTO usage (ts, request_id, key_id, client_ip, endpoint, model, provider,
+_FIELD = "json_extract(value, '$[{}]')"
+_INSERT_JSON = f"""INSERT INTO usage (ts, request_id, key_id, client_ip, endpoint, model, provider,
     upstream_model, status, outcome, prompt_tokens, completion_tokens, cached_tokens,
     cache_write_tokens, reasoning_tokens, cost_nano, latency_ms, ttft_ms, stream)
-VALUES (?, ?, coalesce(?, ''), coalesce(?, ''), ?, coalesce(?, ''), coalesce(?, ''),
-    coalesce(?, ''), ?, ?, ?, ?, ?, ?, ?, CAST(round(? * 1e9) AS INTEGER), ?, ?, ?)"""
+SELECT {_FIELD.format(0)}, {_FIELD.format(1)}, coalesce({_FIELD.format(2)}, ''),
+    coalesce({_FIELD.format(3)}, ''), {_FIELD.format(4)}, coalesce({_FIELD.format(5)}, ''),
+    coalesce({_FIELD.format(6)}, ''), coalesce({_FIELD.format(7)}, ''), {_FIELD.format(8)},
+    {_FIELD.format(9)}, {_FIELD.format(10)}, {_FIELD.format(11)}, {_FIELD.format(12)},
+    {_FIELD.format(13)}, {_FIELD.format(14)}, CAST(round({_FIELD.format(15)} * 1e9) AS INTEGER),
+    {_FIELD.format(16)}, {_FIELD.format(17)}, {_FIELD.format(18)}
+FROM json_each(?)"""
 
 _ROLL_UP = """INSERT INTO usage_daily (key_id, day, model, requests, errors, prompt_tokens,
     completion_tokens, cached_tokens, cache_write_tokens, reasoning_tokens, cost_nano)
@@ -450,9 +458,16 @@ class UsageStore:
         return len(valid)
 
     def _insert(self, records: Sequence[UsageRecord]) -> None:
+        # One statement for the whole batch: executemany releases and retakes the GIL for
+        # every row, and under a busy event loop each retake waits a whole switch interval
+        # (5 ms), which made a batch of thousands take seconds.
+        try:
+            rows = orjson.dumps([tuple(r) for r in records])
+        except TypeError as e:
+            raise sqlite3.InterfaceError(str(e)) from e
         with self._transaction():
             before = self.conn.execute("SELECT coalesce(max(id), 0) FROM usage").fetchone()[0]
-            self.conn.executemany(_INSERT, records)
+            self.conn.execute(_INSERT_JSON, (rows,))
             self.conn.execute(_ROLL_UP, (before,))
             self.conn.execute(_ACTIVITY, (before,))
         self.transactions += 1

@@ -1,0 +1,190 @@
+"""The admin API under ``/admin``: usage across keys, the key list and the key lifecycle,
+breaker states. Guarded by the admin key whose hash is ``[admin] key_hash``; without one the
+admin API does not exist (404).
+
+Changes made here reach the running key store at once (and other processes through the
+database, which they poll).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .auth import hash_key, new_key
+from .errors import InvalidAPIKey, InvalidRequest, NotFound
+from .exchange import EXCHANGE
+from .handlers import parse_period
+from .runtime import STATE, GatewayState
+from .usage import UsageStore
+from .usage_store import KeyConflict, UnknownKey
+
+MAX_GRACE = 30 * 86400
+
+
+def _json(obj: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def admin_state(request: web.Request) -> GatewayState:
+    """The gateway state, once the caller has shown the admin key; else 401 (or 404)."""
+    state = request.app[STATE]
+    expected = state.config.admin.key_hash
+    if expected is None:
+        raise NotFound(
+            "The admin API is disabled: set [admin] key_hash in the config.",
+            code="unknown_endpoint",
+        )
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    key = token.strip() if scheme.lower() == "bearer" else request.headers.get("X-API-Key", "")
+    if not key:
+        raise InvalidAPIKey("The admin API needs the admin key as 'Authorization: Bearer <key>'.")
+    if hash_key(key) != expected:
+        raise InvalidAPIKey("Incorrect admin key provided.")
+    request[EXCHANGE].key_id = "admin"
+    return state
+
+
+async def usage(request: web.Request) -> web.Response:
+    state = admin_state(request)
+    start, end = parse_period(request.query)
+    result = await state.usage.admin_usage(
+        start,
+        end,
+        key_id=request.query.get("key") or None,
+        model=request.query.get("model") or None,
+    )
+    return _json(result)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    state = admin_state(request)
+    config = state.config
+    managed = {k.id: k for k in await state.usage.call(UsageStore.list_keys)}
+    revoked = await state.usage.revoked_ids()
+    principals = {p.key_id: p for p in state.runtime.keys.principals()}
+    stats = {s["key_id"]: s for s in await state.usage.key_stats([k.id for k in config.keys])}
+    configured = {k.id: k for k in config.keys}
+    keys = []
+    for key_id in sorted(configured.keys() | managed.keys()):
+        m = managed.get(key_id)
+        source = m or configured[key_id]
+        p = principals.get(key_id)
+        s = stats.get(key_id)
+        keys.append(
+            {
+                "id": key_id,
+                "source": "managed" if m is not None else "config",
+                "description": source.description,
+                "models": list(source.models),
+                "tier": p.tier if p else source.tier,
+                "revoked": key_id in revoked,
+                "created": m.created_at if m else None,
+                "expires": m.expires_at if m else None,
+                "last_used": s["last_used"] if s else None,
+                "requests": s["requests"] if s else 0,
+                "total_tokens": s["total_tokens"] if s else 0,
+                "cost": s["cost"] if s else 0.0,
+                "today": s["today"] if s else {"requests": 0, "total_tokens": 0, "cost": 0.0},
+            }
+        )
+    return _json({"object": "list", "data": keys})
+
+
+async def create_key(request: web.Request) -> web.Response:
+    state = admin_state(request)
+    body = await _body(request)
+    key_id = body.get("id")
+    if not isinstance(key_id, str) or not key_id:
+        raise InvalidRequest("'id' is required: a name for the key.", param="id")
+    if any(k.id == key_id for k in state.config.keys):
+        raise InvalidRequest(f"Key id '{key_id}' is defined in the config file.", param="id")
+    models = body.get("models", ["*"])
+    tier = body.get("tier")
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise InvalidRequest("'models' must be an array of model ids or patterns.", param="models")
+    if tier is not None and tier not in state.config.tiers:
+        raise InvalidRequest(f"No tier '{tier}' in the config.", param="tier")
+    key = new_key()
+    try:
+        record = await state.usage.call(
+            UsageStore.add_key,
+            key_id,
+            hash_key(key),
+            description=str(body.get("description", "")),
+            models=models,
+            tier=tier,
+        )
+    except KeyConflict as e:
+        raise InvalidRequest(str(e), param="id", code="key_exists") from None
+    except ValueError as e:
+        raise InvalidRequest(str(e), param="id") from None
+    await state.load_keys()
+    # the only time the key is ever shown
+    return _json({"id": record.id, "key": key, "models": models, "tier": tier}, status=201)
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    state = admin_state(request)
+    key_id = request.match_info["key_id"]
+    known = {k.id for k in state.config.keys} | {
+        k.id for k in await state.usage.call(UsageStore.list_keys)
+    }
+    if key_id not in known:
+        raise NotFound(f"No key '{key_id}'.", param="key_id", code="key_not_found")
+    revoked_at = await state.usage.call(UsageStore.revoke_key, key_id, "admin API")
+    await state.load_keys()
+    return _json({"id": key_id, "revoked": True, "revoked_at": revoked_at})
+
+
+async def rotate_key(request: web.Request) -> web.Response:
+    state = admin_state(request)
+    key_id = request.match_info["key_id"]
+    body = await _body(request) if request.can_read_body else {}
+    grace = body.get("grace_seconds", 3600)
+    if not isinstance(grace, int | float) or isinstance(grace, bool) or not 0 <= grace <= MAX_GRACE:
+        raise InvalidRequest(
+            f"'grace_seconds' must be a number from 0 to {MAX_GRACE}.", param="grace_seconds"
+        )
+    if any(k.id == key_id for k in state.config.keys):
+        raise InvalidRequest(
+            f"Key '{key_id}' is defined in the config file: put a new hash there instead.",
+            param="key_id",
+        )
+    key = new_key()
+    try:
+        record = await state.usage.call(UsageStore.rotate_key, key_id, hash_key(key), float(grace))
+    except UnknownKey:
+        raise NotFound(
+            f"No managed key '{key_id}'.", param="key_id", code="key_not_found"
+        ) from None
+    await state.load_keys()
+    return _json({"id": record.id, "key": key, "old_key_valid_until": time.time() + grace})
+
+
+async def breakers(request: web.Request) -> web.Response:
+    state = admin_state(request)
+    return _json({"object": "breakers", "deployments": state.breakers.states()})
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/admin/usage", usage, allow_head=False)
+    app.router.add_get("/admin/keys", list_keys, allow_head=False)
+    app.router.add_post("/admin/keys", create_key)
+    app.router.add_post("/admin/keys/{key_id}/revoke", revoke_key)
+    app.router.add_post("/admin/keys/{key_id}/rotate", rotate_key)
+    app.router.add_get("/admin/breakers", breakers, allow_head=False)

@@ -1,0 +1,270 @@
+"""``gateway keys new|list|revoke|rotate`` and ``gateway usage``: the key lifecycle and usage
+from a terminal, on the usage database named by the config's ``[storage] path``.
+
+A running gateway notices changes made here within a few seconds (it polls the database).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+from . import config as config_module
+from .auth import hash_key, new_key
+from .usage_store import KeyConflict, UnknownKey, UsageStore, default_period
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = sub.add_parser("keys", help="create, list, revoke and rotate client API keys")
+    keys_sub = keys.add_subparsers(title="key commands", metavar="KEYCOMMAND", required=True)
+
+    new = keys_sub.add_parser("new", help="make a new key and show it once")
+    _config_option(new, required=False)
+    new.add_argument("--id", default="my-app", help="a name for the key (default: my-app)")
+    new.add_argument(
+        "--models",
+        nargs="*",
+        default=None,
+        metavar="PATTERN",
+        help='models the key may use, e.g. "openai/*" (default: all)',
+    )
+    new.add_argument("--tier", help="the key's tier (from [tiers])")
+    new.add_argument("--description", default="", help="a note for operators")
+    new.add_argument(
+        "--admin",
+        action="store_true",
+        help="make the admin key instead and print its [admin] block",
+    )
+    new.set_defaults(func=keys_new)
+
+    listing = keys_sub.add_parser("list", help="the keys, their status and their usage")
+    _config_option(listing)
+    listing.set_defaults(func=keys_list)
+
+    revoke = keys_sub.add_parser("revoke", help="revoke a key for good (config keys too)")
+    _config_option(revoke)
+    revoke.add_argument("key_id", metavar="ID")
+    revoke.set_defaults(func=keys_revoke)
+
+    rotate = keys_sub.add_parser(
+        "rotate", help="give a key a new secret; the old one works for a grace period"
+    )
+    _config_option(rotate)
+    rotate.add_argument("key_id", metavar="ID")
+    rotate.add_argument(
+        "--grace",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long the old secret keeps working (default: 3600)",
+    )
+    rotate.set_defaults(func=keys_rotate)
+
+    usage = sub.add_parser("usage", help="print a usage table (tokens, requests, cost)")
+    _config_option(usage)
+    usage.add_argument("--start", help="first day, YYYY-MM-DD (default: the 1st of this month)")
+    usage.add_argument("--end", help="last day, YYYY-MM-DD (default: today)")
+    usage.add_argument("--key", help="one key id only")
+    usage.set_defaults(func=usage_table)
+
+
+def _config_option(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument(
+        "--config",
+        "-c",
+        required=required,
+        metavar="FILE",
+        help="the gateway's config file (its [storage] path is the database)",
+    )
+
+
+def _open(config_path: str) -> tuple[config_module.Config, UsageStore] | None:
+    try:
+        config = config_module.load(config_path)
+    except config_module.ConfigError as e:
+        print(f"gateway: invalid config: {e}", file=sys.stderr)
+        return None
+    db = Path(config.storage.path)
+    if not db.is_absolute():
+        print(f"note: [storage] path is relative; using {db.resolve()}", file=sys.stderr)
+    return config, UsageStore(str(db))
+
+
+def keys_new(ns: argparse.Namespace) -> int:
+    key = new_key()
+    if ns.admin:
+        print("New admin key. It is shown only this once; store it now:\n")
+        print(f"    {key}\n")
+        print("Put this in the config file and restart (or reload) the gateway:\n")
+        print("[admin]")
+        print(f'key_hash = "{hash_key(key)}"')
+        return 0
+    if ns.config is None:
+        print(f"New API key for '{ns.id}'. It is shown only this once; store it now:\n")
+        print(f"    {key}\n")
+        print("Add this block to the config file and reload (or restart) the gateway")
+        print("(or run with --config FILE to store the key in the gateway's database):\n")
+        print("[[keys]]")
+        print(f'id = "{ns.id}"')
+        print(f'hash = "{hash_key(key)}"')
+        if ns.models:
+            print("models = [" + ", ".join(f'"{m}"' for m in ns.models) + "]")
+        if ns.tier:
+            print(f'tier = "{ns.tier}"')
+        return 0
+    opened = _open(ns.config)
+    if opened is None:
+        return 1
+    config, store = opened
+    if any(k.id == ns.id for k in config.keys):
+        print(f"gateway: key id '{ns.id}' is already defined in {ns.config}", file=sys.stderr)
+        return 1
+    if ns.tier and ns.tier not in config.tiers:
+        print(f"gateway: no tier '{ns.tier}' in {ns.config}", file=sys.stderr)
+        return 1
+    with store:
+        try:
+            store.add_key(
+                ns.id,
+                hash_key(key),
+                description=ns.description,
+                models=ns.models or ["*"],
+                tier=ns.tier,
+            )
+        except (KeyConflict, ValueError) as e:
+            print(f"gateway: {e}", file=sys.stderr)
+            return 1
+    print(f"New API key for '{ns.id}' (stored as a hash in {store.path}).")
+    print("It is shown only this once; store it now:\n")
+    print(f"    {key}\n")
+    print("A running gateway accepts it within a few seconds.")
+    return 0
+
+
+def keys_list(ns: argparse.Namespace) -> int:
+    opened = _open(ns.config)
+    if opened is None:
+        return 1
+    config, store = opened
+    with store:
+        managed = {k.id: k for k in store.list_keys()}
+        revoked = store.revoked_ids()
+        stats = {s["key_id"]: s for s in store.key_stats([k.id for k in config.keys])}
+    configured = {k.id: k for k in config.keys}
+    rows = [
+        (
+            "ID",
+            "SOURCE",
+            "TIER",
+            "STATUS",
+            "CREATED",
+            "LAST USED",
+            "REQUESTS",
+            "TOKENS",
+            "COST",
+            "TODAY",
+        )
+    ]
+    for key_id in sorted(configured.keys() | managed.keys()):
+        m = managed.get(key_id)
+        source = m or configured[key_id]
+        s = stats.get(key_id)
+        status = "revoked" if key_id in revoked else "active"
+        if m is not None and m.expires_at is not None:
+            status += f" (expires {_when(m.expires_at)})"
+        today = s["today"] if s else None
+        rows.append((
+            key_id,
+            "database" if m else "config",
+            source.tier or "-",
+            status,
+            _when(m.created_at) if m else "-",
+            _when(s["last_used"]) if s and s["last_used"] else "never",
+            str(s["requests"]) if s else "0",
+            str(s["total_tokens"]) if s else "0",
+            f"{s['cost']:.4f}" if s else "0.0000",
+            f"{today['requests']} req / {today['total_tokens']} tok" if today else "-",
+        ))  # fmt: skip
+    _print_table(rows)
+    return 0
+
+
+def keys_revoke(ns: argparse.Namespace) -> int:
+    opened = _open(ns.config)
+    if opened is None:
+        return 1
+    config, store = opened
+    with store:
+        known = {k.id for k in config.keys} | {k.id for k in store.list_keys()}
+        if ns.key_id not in known:
+            print(f"gateway: no key '{ns.key_id}'", file=sys.stderr)
+            return 1
+        store.revoke_key(ns.key_id, "gateway keys revoke")
+    print(f"Revoked '{ns.key_id}'. A running gateway refuses it within a few seconds.")
+    return 0
+
+
+def keys_rotate(ns: argparse.Namespace) -> int:
+    opened = _open(ns.config)
+    if opened is None:
+        return 1
+    config, store = opened
+    if any(k.id == ns.key_id for k in config.keys):
+        print(
+            f"gateway: '{ns.key_id}' is defined in {ns.config}: put a new hash there "
+            "(gateway keys new prints one)",
+            file=sys.stderr,
+        )
+        return 1
+    key = new_key()
+    with store:
+        try:
+            store.rotate_key(ns.key_id, hash_key(key), ns.grace)
+        except UnknownKey:
+            print(f"gateway: no key '{ns.key_id}' in {store.path}", file=sys.stderr)
+            return 1
+    print(f"New secret for '{ns.key_id}'. It is shown only this once; store it now:\n")
+    print(f"    {key}\n")
+    print(f"The old secret keeps working until {_when(time.time() + ns.grace)}.")
+    return 0
+
+
+def usage_table(ns: argparse.Namespace) -> int:
+    opened = _open(ns.config)
+    if opened is None:
+        return 1
+    _, store = opened
+    try:
+        default_start, default_end = default_period(time.time())
+        start = date.fromisoformat(ns.start) if ns.start else default_start
+        end = date.fromisoformat(ns.end) if ns.end else default_end
+    except ValueError as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return 1
+    with store:
+        report = store.admin_usage(start, end, key_id=ns.key)
+    print(f"Usage from {report['period_start']} to {report['period_end']} (UTC, days included)\n")
+    rows = [("KEY", "MODEL", "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "COST")]
+    for key in report["keys"]:
+        for model, u in sorted(key["breakdown"].items()):
+            rows.append((key["key_id"], model, str(u["requests"]), str(u["errors"]),
+                         str(u["prompt_tokens"]), str(u["completion_tokens"]),
+                         f"{u['cost']:.6f}"))  # fmt: skip
+    rows.append(("TOTAL", "", str(report["total_requests"]), "", "", str(report["total_tokens"]),
+                 f"{report['total_cost']:.6f}"))  # fmt: skip
+    _print_table(rows)
+    return 0
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

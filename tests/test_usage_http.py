@@ -1,0 +1,357 @@
+"""Usage accounting seen from outside: rows in SQLite, /v1/usage, the admin API, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from gateway.auth import hash_key, new_key
+
+from .conftest import CLIENT_KEY, Fakes, Gateway, MakeGateway, gateway_toml
+from .fakes.base import UPSTREAM_KEY
+from .test_lifecycle import GatewayProcess
+
+ROOT = Path(__file__).parent.parent
+ADMIN_KEY = new_key()
+MESSAGES: list[Any] = [{"role": "user", "content": "What's the weather like in SF?"}]
+
+
+def priced(fakes: Fakes) -> str:
+    """A provider whose prices make each recorded completion cost a visible amount:
+    14 prompt tokens x 1000 + 37 completion tokens x 3000 per million = 0.125."""
+    return f"""
+[admin]
+key_hash = "{hash_key(ADMIN_KEY)}"
+
+[[providers]]
+name = "priced"
+kind = "openai"
+base_url = "{fakes.urls["openai"]}/v1"
+api_key = "{UPSTREAM_KEY}"
+models = [{{ id = "gpt-4o", upstream = "gpt-4o-2024-08-06", price_in = 1000.0, price_out = 3000.0 }}]
+"""
+
+
+async def get(gateway: Gateway, path: str, key: str) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(gateway.url + path, headers={"Authorization": f"Bearer {key}"}) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def post(
+    gateway: Gateway, path: str, key: str, body: dict[str, Any] | None = None
+) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gateway.url + path, json=body or {}, headers={"Authorization": f"Bearer {key}"}
+        ) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def test_rows_and_usage_answer_to_the_cent(make_gateway: MakeGateway, fakes: Fakes) -> None:
+    gateway = await make_gateway(extra=priced(fakes))
+    client = gateway.aclient()
+    await client.chat.completions.create(model="priced/gpt-4o", messages=MESSAGES)
+    await client.chat.completions.create(model="priced/gpt-4o", messages=MESSAGES)
+    stream = await client.chat.completions.create(
+        model="priced/gpt-4o", messages=MESSAGES, stream=True
+    )
+    async for _ in stream:
+        pass
+    gateway.fake.next_json(500, {"error": {"message": "boom", "type": "server_error"}})
+    with pytest.raises(openai.InternalServerError):
+        await client.chat.completions.create(model="priced/gpt-4o", messages=MESSAGES)
+
+    records = await gateway.records()
+    assert [(r.status, r.outcome, r.stream) for r in records] == [
+        (200, "ok", False),
+        (200, "ok", False),
+        (200, "ok", True),
+        (502, "upstream_error", False),
+    ]
+    first = records[0]
+    assert (first.key_id, first.endpoint, first.model, first.provider, first.upstream_model) == (
+        "test",
+        "chat",
+        "priced/gpt-4o",
+        "priced",
+        "gpt-4o-2024-08-06",
+    )
+    assert (first.prompt_tokens, first.completion_tokens, first.cost) == (14, 37, 0.125)
+    assert first.latency_ms > 0 and first.ttft_ms is None and first.request_id.startswith("req_")
+    assert records[2].ttft_ms is not None and records[2].ttft_ms <= records[2].latency_ms
+    assert records[3].cost == 0.0  # failed upstream calls are not billed
+
+    # the raw SQLite file says the same
+    path = gateway.state.config.storage.path
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM usage").fetchone() == (4,)
+
+    status, usage = await get(gateway, "/v1/usage", CLIENT_KEY)
+    assert status == 200
+    stream_cost = records[2].cost
+    assert usage["object"] == "usage"
+    assert usage["total_requests"] == 4
+    assert usage["total_cost"] == pytest.approx(0.25 + stream_cost, abs=1e-9)
+    assert round(usage["total_cost"], 2) == round(0.25 + stream_cost, 2)
+    assert usage["total_tokens"] == sum(r.prompt_tokens + r.completion_tokens for r in records)
+    assert set(usage["breakdown"]) == {"priced/gpt-4o"}
+    model = usage["breakdown"]["priced/gpt-4o"]
+    assert (model["requests"], model["errors"]) == (4, 1)
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    assert usage["period_end"] == today
+    assert usage["period_start"] == today[:8] + "01"
+    assert [d["date"] for d in usage["daily"]] == [today]
+    assert usage["daily"][0]["requests"] == 4
+
+
+async def test_usage_is_the_callers_own(make_gateway: MakeGateway) -> None:
+    from .conftest import DEMO_ONLY_KEY
+
+    gateway = await make_gateway()
+    await gateway.aclient().chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    status, usage = await get(gateway, "/v1/usage", DEMO_ONLY_KEY)
+    assert status == 200
+    assert usage["total_requests"] == 0  # the other key's chat is not this key's
+    assert usage["breakdown"] == {}
+    status, body = await get(gateway, "/api/v1/usage?start=2020-01-01&end=2020-01-31", CLIENT_KEY)
+    assert status == 200 and body["total_requests"] == 0
+    status, body = await get(gateway, "/v1/usage?start=yesterday", CLIENT_KEY)
+    assert status == 400 and body["error"]["param"] == "start"
+
+
+async def test_admin_api(make_gateway: MakeGateway, fakes: Fakes) -> None:
+    gateway = await make_gateway(extra=priced(fakes))
+    assert (await get(gateway, "/admin/keys", CLIENT_KEY))[0] == 401
+    assert (await get(gateway, "/admin/keys", ""))[0] == 401
+    await gateway.aclient().chat.completions.create(model="priced/gpt-4o", messages=MESSAGES)
+
+    status, created = await post(
+        gateway,
+        "/admin/keys",
+        ADMIN_KEY,
+        {"id": "new-app", "models": ["priced/*"], "description": "test"},
+    )
+    assert status == 201
+    new = created["key"]
+    assert new.startswith("gw-")
+    answer = await gateway.aclient(key=new).chat.completions.create(
+        model="priced/gpt-4o", messages=MESSAGES
+    )
+    assert answer.model == "priced/gpt-4o"
+    with pytest.raises(openai.PermissionDeniedError):
+        await gateway.aclient(key=new).chat.completions.create(
+            model="openai/gpt-4o", messages=MESSAGES
+        )
+
+    await gateway.state.usage.flush()
+    status, keys = await get(gateway, "/admin/keys", ADMIN_KEY)
+    assert status == 200
+    by_id = {k["id"]: k for k in keys["data"]}
+    assert by_id["new-app"]["source"] == "managed"
+    assert by_id["new-app"]["requests"] == 1
+    assert by_id["test"]["source"] == "config"
+    assert by_id["test"]["today"]["requests"] == 1
+    assert by_id["test"]["cost"] == 0.125
+    assert by_id["test"]["last_used"] is not None
+
+    status, usage = await get(gateway, "/admin/usage?model=priced/gpt-4o", ADMIN_KEY)
+    assert status == 200
+    assert {k["key_id"] for k in usage["keys"]} == {"test", "new-app"}
+    assert usage["total_cost"] == 0.25
+    status, one = await get(gateway, "/admin/usage?key=new-app", ADMIN_KEY)
+    assert [k["key_id"] for k in one["keys"]] == ["new-app"]
+
+    status, revoked = await post(gateway, "/admin/keys/new-app/revoke", ADMIN_KEY)
+    assert status == 200 and revoked["revoked"]
+    with pytest.raises(openai.AuthenticationError):  # at once
+        await gateway.aclient(key=new).chat.completions.create(
+            model="priced/gpt-4o", messages=MESSAGES
+        )
+    # a config key can be revoked too
+    assert (await post(gateway, "/admin/keys/test/revoke", ADMIN_KEY))[0] == 200
+    with pytest.raises(openai.AuthenticationError):
+        await gateway.aclient().models.list()
+    assert (await post(gateway, "/admin/keys/nobody/revoke", ADMIN_KEY))[0] == 404
+
+    status, breakers = await get(gateway, "/admin/breakers", ADMIN_KEY)
+    assert status == 200 and breakers["deployments"]["priced/gpt-4o"] == "closed"
+
+
+async def test_rotation_keeps_the_old_secret_for_the_grace_period(
+    make_gateway: MakeGateway, fakes: Fakes
+) -> None:
+    gateway = await make_gateway(extra=priced(fakes))
+    _, created = await post(gateway, "/admin/keys", ADMIN_KEY, {"id": "rotating"})
+    old = created["key"]
+    status, rotated = await post(
+        gateway, "/admin/keys/rotating/rotate", ADMIN_KEY, {"grace_seconds": 1}
+    )
+    assert status == 200
+    new = rotated["key"]
+    assert (await get(gateway, "/v1/models", new))[0] == 200
+    assert (await get(gateway, "/v1/models", old))[0] == 200  # still inside its grace
+    await asyncio.sleep(1.2)
+    await gateway.state.load_keys()  # what the key watcher does every few seconds
+    assert (await get(gateway, "/v1/models", old))[0] == 401
+    assert (await get(gateway, "/v1/models", new))[0] == 200
+    assert (await post(gateway, "/admin/keys/test/rotate", ADMIN_KEY))[0] == 400  # config key
+
+
+async def test_revocation_survives_a_restart(
+    make_gateway: MakeGateway, fakes: Fakes, tmp_path: Path
+) -> None:
+    toml = gateway_toml(fakes.urls, priced(fakes), "retries = 0", str(tmp_path / "keep.db"))
+    one = await make_gateway(toml=toml)
+    _, created = await post(one, "/admin/keys", ADMIN_KEY, {"id": "short-lived"})
+    await post(one, "/admin/keys/short-lived/revoke", ADMIN_KEY)
+    await post(one, "/admin/keys/test/revoke", ADMIN_KEY)
+    two = await make_gateway(toml=toml)
+    assert (await get(two, "/v1/models", created["key"]))[0] == 401
+    assert (await get(two, "/v1/models", CLIENT_KEY))[0] == 401
+
+
+async def test_database_locked_then_free(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway()
+    locker = sqlite3.connect(gateway.state.config.storage.path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        for _ in range(3):
+            answer = await gateway.aclient().chat.completions.create(
+                model="openai/gpt-4o", messages=MESSAGES
+            )
+            assert answer.choices[0].message.content  # requests still succeed
+        assert not await gateway.state.usage.flush()  # the batch could not be written...
+        assert gateway.state.usage.dropped == 0  # ...and is kept, not dropped
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    records = await gateway.records()
+    assert len(records) == 3
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+async def test_cli_key_lifecycle_against_a_running_gateway(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway()
+    config = gateway.state.config.source
+    made = await asyncio.to_thread(
+        cli, "keys", "new", "--config", config, "--id", "cli-app", "--models", "demo/*"
+    )
+    assert made.returncode == 0, made.stderr
+    key = next(w for w in made.stdout.split() if w.startswith("gw-"))
+
+    async def status_of(k: str) -> int:
+        return (await get(gateway, "/v1/models", k))[0]
+
+    async def eventually(k: str, expected: int) -> None:
+        for _ in range(60):
+            if await status_of(k) == expected:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"status never became {expected}")
+
+    await eventually(key, 200)  # the gateway polls the database for key changes
+    listed = await asyncio.to_thread(cli, "keys", "list", "--config", config)
+    assert listed.returncode == 0
+    line = next(ln for ln in listed.stdout.splitlines() if ln.startswith("cli-app"))
+    assert "database" in line and "active" in line
+    assert key not in listed.stdout and hash_key(key) not in listed.stdout
+
+    rotated = await asyncio.to_thread(
+        cli, "keys", "rotate", "cli-app", "--config", config, "--grace", "0"
+    )
+    assert rotated.returncode == 0, rotated.stderr
+    new = next(w for w in rotated.stdout.split() if w.startswith("gw-"))
+    await eventually(new, 200)
+    await eventually(key, 401)
+
+    revoked = await asyncio.to_thread(cli, "keys", "revoke", "cli-app", "--config", config)
+    assert revoked.returncode == 0
+    await eventually(new, 401)
+
+    table = await asyncio.to_thread(cli, "usage", "--config", config)
+    assert table.returncode == 0, table.stderr
+    assert "cli-app" in table.stdout and "TOTAL" in table.stdout
+
+
+async def test_kill_9_loses_at_most_the_flush_interval(tmp_path: Path) -> None:
+    db = tmp_path / "crash.db"
+    key = new_key()
+    config = tmp_path / "gateway.toml"
+    config.write_text(f"""
+[storage]
+path = "{db}"
+flush_interval = 0.2
+
+[[providers]]
+name = "demo"
+kind = "demo"
+models = [{{ id = "embed", capabilities = ["embeddings"] }}]
+
+[[keys]]
+id = "load"
+hash = "{hash_key(key)}"
+""")
+    gw = GatewayProcess(config)
+    await gw.start()
+    acknowledged: list[float] = []
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                try:
+                    async with session.post(
+                        gw.url + "/embeddings",
+                        json={"model": "demo/embed", "input": "x"},
+                        headers={"Authorization": f"Bearer {key}"},
+                    ) as resp:
+                        if resp.status == 200:
+                            acknowledged.append(time.monotonic())
+                except aiohttp.ClientError:
+                    return
+
+    workers = [asyncio.ensure_future(load()) for _ in range(8)]
+    await asyncio.sleep(2.0)
+    assert gw.proc is not None
+    killed_at = time.monotonic()
+    os.kill(gw.proc.pid, signal.SIGKILL)
+    stop.set()
+    await asyncio.gather(*workers)
+    await gw.stop()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        written = conn.execute("SELECT count(*) FROM usage").fetchone()[0]
+        daily = conn.execute("SELECT coalesce(sum(requests), 0) FROM usage_daily").fetchone()[0]
+    assert written == daily  # roll-ups agree with the raw rows
+    # everything acknowledged more than a flush interval (plus a writer's slack) before the
+    # kill is on disk
+    settled = sum(1 for t in acknowledged if t < killed_at - 0.2 - 0.5)
+    assert written >= settled, (written, settled, len(acknowledged))
+    assert written <= len(acknowledged)
+    json.dumps({"acknowledged": len(acknowledged), "written": written})
