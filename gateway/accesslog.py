@@ -26,6 +26,16 @@ class AccessLog:
         self._lines: list[bytes] = []
         self.dropped = 0
         self._task: asyncio.Task[None] | None = None
+        self._second = -1
+        self._second_text = ""
+
+    def timestamp(self, ts: float) -> str:
+        """ISO 8601 UTC with milliseconds; the date and time are formatted once a second."""
+        whole = int(ts)
+        if whole != self._second:
+            self._second = whole
+            self._second_text = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._second_text}.{int((ts - whole) * 1000):03d}Z"
 
     def write(self, entry: dict[str, object]) -> None:
         if len(self._lines) >= MAX_BUFFERED:
@@ -64,10 +74,6 @@ class AccessLog:
                 view = view[written:]
         except OSError:
             self.dropped += 1  # stderr is gone; nothing else can be done with the line
-
-
-def timestamp(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 ACCESS_LOG = web.AppKey("access_log", AccessLog)

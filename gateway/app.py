@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from . import admin, handlers
-from .accesslog import ACCESS_LOG, AccessLog, access_log_ctx, timestamp
+from .accesslog import ACCESS_LOG, AccessLog, access_log_ctx
 from .config import Config
 from .errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from .exchange import EXCHANGE, Exchange
@@ -115,32 +115,34 @@ def _account(request: web.Request, exchange: Exchange, state: GatewayState) -> N
     ticket = exchange.ticket
     if ticket is not None:  # admitted by the limiter: settle, and account for it
         ticket.settle(usage.total_tokens, cost)
+        # positional: building a NamedTuple by keyword costs three times as much
         state.usage.record(
             UsageRecord(
-                ts=exchange.ts,
-                request_id=exchange.request_id,
-                key_id=exchange.key_id,
-                client_ip=exchange.client_ip,
-                endpoint=exchange.endpoint,
-                model=exchange.model,
-                provider=deployment.provider.name if deployment else "",
-                upstream_model=deployment.upstream_model if deployment else "",
-                status=status,
-                outcome=exchange.outcome,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                cached_tokens=usage.cached_tokens,
-                cache_write_tokens=usage.cache_write_tokens,
-                reasoning_tokens=usage.reasoning_tokens,
-                cost=cost,
-                latency_ms=latency_ms,
-                ttft_ms=ttft_ms,
-                stream=exchange.stream,
+                exchange.ts,
+                exchange.request_id,
+                exchange.key_id,
+                exchange.client_ip,
+                exchange.endpoint,
+                exchange.model,
+                deployment.provider.name if deployment else "",
+                deployment.upstream_model if deployment else "",
+                status,
+                exchange.outcome,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.cached_tokens,
+                usage.cache_write_tokens,
+                usage.reasoning_tokens,
+                cost,
+                latency_ms,
+                ttft_ms,
+                exchange.stream,
             )
         )
-    request.app[ACCESS_LOG].write(
+    access_log = request.app[ACCESS_LOG]
+    access_log.write(
         {
-            "ts": timestamp(exchange.ts),
+            "ts": access_log.timestamp(exchange.ts),
             "request_id": exchange.request_id,
             "method": request.method,
             "path": request.path,

@@ -466,6 +466,8 @@ class Limiter:
 
     def client_ip(self, peer: str | None, forwarded_for: str | None) -> str | None:
         """`client_ip` with the configured trusted proxies."""
+        if not forwarded_for or not self.trusted:
+            return peer  # nothing to walk: skip parsing the address on every request
         return client_ip(peer, forwarded_for, self.trusted)
 
     # --- the request path -----------------------------------------------------------------

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import itertools
 import json
 import re
 import sqlite3
@@ -33,8 +35,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import NamedTuple, TypedDict
-
-import orjson
 
 NANO = 1_000_000_000
 DAY = 86_400.0
@@ -284,17 +284,21 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 # The record tuple is bound as it is: SQL does the few conversions, so that a batch costs no
 # Python work per record.
-_FIELD = "json_extract(value, '$[{}]')"
-_INSERT_JSON = f"""INSERT INTO usage (ts, request_id, key_id, client_ip, endpoint, model, provider,
-    upstream_model, status, outcome, prompt_tokens, completion_tokens, cached_tokens,
-    cache_write_tokens, reasoning_tokens, cost_nano, latency_ms, ttft_ms, stream)
-SELECT {_FIELD.format(0)}, {_FIELD.format(1)}, coalesce({_FIELD.format(2)}, ''),
-    coalesce({_FIELD.format(3)}, ''), {_FIELD.format(4)}, coalesce({_FIELD.format(5)}, ''),
-    coalesce({_FIELD.format(6)}, ''), coalesce({_FIELD.format(7)}, ''), {_FIELD.format(8)},
-    {_FIELD.format(9)}, {_FIELD.format(10)}, {_FIELD.format(11)}, {_FIELD.format(12)},
-    {_FIELD.format(13)}, {_FIELD.format(14)}, CAST(round({_FIELD.format(15)} * 1e9) AS INTEGER),
-    {_FIELD.format(16)}, {_FIELD.format(17)}, {_FIELD.format(18)}
-FROM json_each(?)"""
+_INSERT_HEAD = """INSERT INTO usage (ts, request_id, key_id, client_ip, endpoint, model,
+    provider, upstream_model, status, outcome, prompt_tokens, completion_tokens, cached_tokens,
+    cache_write_tokens, reasoning_tokens, cost_nano, latency_ms, ttft_ms, stream) VALUES """
+_INSERT_ROW = (
+    "(?, ?, coalesce(?, ''), coalesce(?, ''), ?, coalesce(?, ''), coalesce(?, ''),"
+    " coalesce(?, ''), ?, ?, ?, ?, ?, ?, ?, CAST(round(? * 1e9) AS INTEGER), ?, ?, ?)"
+)
+# Rows per INSERT: SQLite before 3.32 allowed only 999 parameters per statement.
+_ROWS_PER_INSERT = 500 if sqlite3.sqlite_version_info >= (3, 32) else 50
+
+
+@functools.cache
+def _insert_rows(n: int) -> str:
+    return _INSERT_HEAD + ",".join([_INSERT_ROW] * n)
+
 
 _ROLL_UP = """INSERT INTO usage_daily (key_id, day, model, requests, errors, prompt_tokens,
     completion_tokens, cached_tokens, cache_write_tokens, reasoning_tokens, cost_nano)
@@ -458,16 +462,14 @@ class UsageStore:
         return len(valid)
 
     def _insert(self, records: Sequence[UsageRecord]) -> None:
-        # One statement for the whole batch: executemany releases and retakes the GIL for
-        # every row, and under a busy event loop each retake waits a whole switch interval
-        # (5 ms), which made a batch of thousands take seconds.
-        try:
-            rows = orjson.dumps([tuple(r) for r in records])
-        except TypeError as e:
-            raise sqlite3.InterfaceError(str(e)) from e
+        # Hundreds of rows per statement: executemany releases and retakes the GIL for every
+        # row, and under a busy event loop each retake waits a whole switch interval (5 ms),
+        # which made a batch of thousands take seconds.
         with self._transaction():
             before = self.conn.execute("SELECT coalesce(max(id), 0) FROM usage").fetchone()[0]
-            self.conn.execute(_INSERT_JSON, (rows,))
+            for i in range(0, len(records), _ROWS_PER_INSERT):
+                chunk = records[i : i + _ROWS_PER_INSERT]
+                self.conn.execute(_insert_rows(len(chunk)), list(itertools.chain(*chunk)))
             self.conn.execute(_ROLL_UP, (before,))
             self.conn.execute(_ACTIVITY, (before,))
         self.transactions += 1

@@ -7,6 +7,7 @@ pass through untouched for the upstream to judge.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import orjson
@@ -116,51 +117,87 @@ def chat_request(body: JSONObject) -> ChatCompletionRequest:
             "'messages' must contain at least one message.", param="messages", code="invalid_value"
         )
     for i, message in enumerate(messages):
-        param = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise _type_error(param, "an object", message)
-        role = message.get("role")
-        if role is None:
-            raise _missing(f"{param}.role")
-        if not isinstance(role, str):
-            raise _type_error(f"{param}.role", "a string", role)
-        if role not in MESSAGE_ROLES:
+        # the common case, checked first and cheaply
+        if type(message) is dict and message.get("role") in MESSAGE_ROLES:
+            content = message.get("content")
+            if content is None or type(content) is str or type(content) is list:
+                continue
+        _check_message(message, i)
+    for name in body:
+        check = _CHAT_CHECKS.get(name)
+        if check is not None:
+            check(body, name)
+    if "stream_options" in body and body["stream_options"] is not None:
+        if body.get("stream") is not True:
             raise InvalidRequest(
-                f"Invalid value for '{param}.role': '{role[:40]}'. Supported values are: "
-                "'system', 'developer', 'user', 'assistant', 'tool' and 'function'.",
-                param=f"{param}.role",
+                "'stream_options' is only allowed when 'stream' is true.",
+                param="stream_options",
                 code="invalid_value",
             )
-        content = message.get("content")
-        if content is not None and not isinstance(content, str | list):
-            raise _type_error(f"{param}.content", "a string or an array of parts", content)
-    _optional(body, "stream", bool, "a boolean")
-    options = _optional(body, "stream_options", dict, "an object")
-    if options is not None and body.get("stream") is not True:
+        _optional(body["stream_options"], "include_usage", bool, "a boolean")
+    return cast(ChatCompletionRequest, body)
+
+
+def _check_message(message: object, i: int) -> None:
+    param = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise _type_error(param, "an object", message)
+    role = message.get("role")
+    if role is None:
+        raise _missing(f"{param}.role")
+    if not isinstance(role, str):
+        raise _type_error(f"{param}.role", "a string", role)
+    if role not in MESSAGE_ROLES:
         raise InvalidRequest(
-            "'stream_options' is only allowed when 'stream' is true.",
-            param="stream_options",
+            f"Invalid value for '{param}.role': '{role[:40]}'. Supported values are: "
+            "'system', 'developer', 'user', 'assistant', 'tool' and 'function'.",
+            param=f"{param}.role",
             code="invalid_value",
         )
-    if options is not None:
-        _optional(options, "include_usage", bool, "a boolean")
-    _positive_int(body, "max_tokens")
-    _positive_int(body, "max_completion_tokens")
-    _positive_int(body, "n")
-    _number_in(body, "temperature", 0, 2)
-    _number_in(body, "top_p", 0, 1)
-    _number_in(body, "presence_penalty", -2, 2)
-    _number_in(body, "frequency_penalty", -2, 2)
-    stop = body.get("stop")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str | list):
+        raise _type_error(f"{param}.content", "a string or an array of parts", content)
+
+
+def _stop(body: JSONObject, name: str) -> None:
+    stop = body[name]
     if stop is not None and not (
         isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
     ):
-        raise _type_error("stop", "a string or an array of strings", stop)
-    _optional(body, "tools", list, "an array")
-    _optional(body, "tool_choice", (str, dict), "a string or an object")
-    _optional(body, "response_format", dict, "an object")
-    _optional(body, "user", str, "a string")
-    return cast(ChatCompletionRequest, body)
+        raise _type_error(name, "a string or an array of strings", stop)
+
+
+def _typed(kind: type | tuple[type, ...], expected: str) -> Callable[[JSONObject, str], None]:
+    def check(body: JSONObject, name: str) -> None:
+        _optional(body, name, kind, expected)
+
+    return check
+
+
+def _between(low: float, high: float) -> Callable[[JSONObject, str], None]:
+    def check(body: JSONObject, name: str) -> None:
+        _number_in(body, name, low, high)
+
+    return check
+
+
+# Checks of the chat parameters the gateway relies on, run only for those present.
+_CHAT_CHECKS: dict[str, Callable[[JSONObject, str], None]] = {
+    "stream": _typed(bool, "a boolean"),
+    "stream_options": _typed(dict, "an object"),
+    "max_tokens": _positive_int,
+    "max_completion_tokens": _positive_int,
+    "n": _positive_int,
+    "temperature": _between(0, 2),
+    "top_p": _between(0, 1),
+    "presence_penalty": _between(-2, 2),
+    "frequency_penalty": _between(-2, 2),
+    "stop": _stop,
+    "tools": _typed(list, "an array"),
+    "tool_choice": _typed((str, dict), "a string or an object"),
+    "response_format": _typed(dict, "an object"),
+    "user": _typed(str, "a string"),
+}
 
 
 def embedding_request(body: JSONObject) -> EmbeddingRequest:
