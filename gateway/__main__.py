@@ -46,7 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
-    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="overrides [logging] level",
+    )
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
@@ -83,22 +87,19 @@ def _check_config(ns: argparse.Namespace) -> int:
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=ns.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     config = _load(ns.config)
     if config is None:
         return 1
-    host = ns.host or config.server.host
-    port = ns.port or config.server.port
-
     from aiohttp import web
 
     from .app import build
+    from .ops import SYSTEMD, configure_logging
     from .runtime import STATE
 
+    configure_logging(config, ns.log_level)
+    host = ns.host or config.server.host
+    port = ns.port or config.server.port
     loop: asyncio.AbstractEventLoop | None = None
     try:
         import uvloop
@@ -118,6 +119,9 @@ def _serve(ns: argparse.Namespace) -> int:
             reloading[:] = [asyncio.ensure_future(state.reload())]
 
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+
+    def listening(*_: object) -> None:
+        # run_app calls this once every listening socket is open
         log.info(
             "gateway listening on http://%s:%d (config %s, %d models)",
             host,
@@ -125,6 +129,7 @@ def _serve(ns: argparse.Namespace) -> int:
             config.source,
             len(app_models(config)),
         )
+        app[SYSTEMD].ready()
 
     app.on_startup.append(on_startup)
     web.run_app(
@@ -132,7 +137,9 @@ def _serve(ns: argparse.Namespace) -> int:
         host=host,
         port=port,
         access_log=None,
-        print=None,
+        print=listening,
+        # many clients connecting at once must not be turned away by a short accept queue
+        backlog=4096,
         shutdown_timeout=config.server.shutdown_timeout,
         handler_cancellation=True,
         loop=loop,

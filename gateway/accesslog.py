@@ -21,8 +21,10 @@ MAX_BUFFERED = 10_000  # lines; past it the oldest are dropped and counted
 
 
 class AccessLog:
-    def __init__(self, fd: int | None = None) -> None:
+    def __init__(self, fd: int | None = None, *, enabled: bool = True, text: bool = False) -> None:
         self._fd = sys.stderr.fileno() if fd is None else fd
+        self.enabled = enabled
+        self._text = text
         self._lines: list[bytes] = []
         self.dropped = 0
         self._task: asyncio.Task[None] | None = None
@@ -41,7 +43,7 @@ class AccessLog:
         if len(self._lines) >= MAX_BUFFERED:
             self._lines.pop(0)
             self.dropped += 1
-        self._lines.append(orjson.dumps(entry) + b"\n")
+        self._lines.append(_text_line(entry) if self._text else orjson.dumps(entry) + b"\n")
 
     async def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -74,6 +76,17 @@ class AccessLog:
                 view = view[written:]
         except OSError:
             self.dropped += 1  # stderr is gone; nothing else can be done with the line
+
+
+def _text_line(entry: dict[str, object]) -> bytes:
+    """The entry for human eyes: time, status, method, path, then key=value pairs."""
+    head = f"{entry.get('ts')} {entry.get('status')} {entry.get('method')} {entry.get('path')}"
+    rest = " ".join(
+        f"{k}={v}"
+        for k, v in entry.items()
+        if k not in ("ts", "status", "method", "path") and v is not None
+    )
+    return f"{head} {rest}\n".encode()
 
 
 ACCESS_LOG = web.AppKey("access_log", AccessLog)

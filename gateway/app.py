@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from . import admin, handlers
+from . import admin, handlers, ops
 from .accesslog import ACCESS_LOG, AccessLog, access_log_ctx
 from .config import Config
 from .errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
@@ -22,6 +22,7 @@ from .usage import UsageRecord, cost_of
 log = logging.getLogger("gateway")
 
 API_PREFIXES = ("/v1", "/api/v1")
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -44,9 +45,14 @@ def build(config: Config, *, access_log: AccessLog | None = None) -> web.Applica
         client_max_size=config.server.max_body_bytes,
     )
     app[STATE] = GatewayState(config)
-    app[ACCESS_LOG] = access_log or AccessLog()
+    app[ACCESS_LOG] = access_log or AccessLog(
+        enabled=config.logging.access_log, text=config.logging.format == "text"
+    )
     app.cleanup_ctx.append(state_ctx)
     app.cleanup_ctx.append(access_log_ctx)
+    app.cleanup_ctx.append(ops.metrics_listener_ctx)
+    app[ops.SYSTEMD] = ops.Systemd()
+    app.cleanup_ctx.append(ops.systemd_ctx)
     app.on_response_prepare.append(_add_headers)
 
     for prefix in API_PREFIXES:
@@ -61,12 +67,18 @@ def build(config: Config, *, access_log: AccessLog | None = None) -> web.Applica
         app.router.add_get(f"{prefix}/usage", handlers.usage, allow_head=False)
     app.router.add_post("/api/v1/chat", handlers.chat_completions)
     admin.add_routes(app)
+    ops.add_routes(app)
     return app
 
 
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id and runtime, every error as OpenAI's envelope, then usage and access log."""
+    if request.path in QUIET_PATHS:  # health checks and scrapes: no accounting, no log line
+        try:
+            return await handler(request)
+        except GatewayError as e:
+            return error_response(e)
     state = request.app[STATE]
     rt = state.runtime
     rt.enter()
@@ -78,6 +90,8 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     )
     exchange.endpoint = ENDPOINTS.get(getattr(handler, "__name__", ""), "other")
     request[EXCHANGE] = exchange
+    state.in_flight[id(exchange)] = exchange
+    state.metrics.in_flight_requests += 1
     try:
         try:
             response = await handler(request)
@@ -97,6 +111,8 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         raise
     finally:
         rt.leave()
+        del state.in_flight[id(exchange)]
+        state.metrics.in_flight_requests -= 1
         _account(request, exchange, state)
 
 
@@ -112,6 +128,25 @@ def _account(request: web.Request, exchange: Exchange, state: GatewayState) -> N
         usage.completion_tokens = usage.estimate_output()
     cost = cost_of(deployment.model, usage) if deployment is not None else 0.0
     status = exchange.status or (499 if exchange.client_closed else 500)
+    provider = deployment.provider.name if deployment else ""
+    m = state.metrics
+    m.requests.inc((exchange.endpoint, exchange.model, provider, str(status)))
+    m.duration.observe((exchange.endpoint,), latency_ms / 1000)
+    if ttft_ms is not None:
+        m.ttft.observe((exchange.model,), ttft_ms / 1000)
+    if usage.prompt_tokens or usage.completion_tokens:
+        model = exchange.model
+        m.tokens.inc((model, provider, "prompt"), usage.prompt_tokens)
+        m.tokens.inc((model, provider, "completion"), usage.completion_tokens)
+        if usage.cached_tokens:
+            m.tokens.inc((model, provider, "cached"), usage.cached_tokens)
+        if usage.cache_write_tokens:
+            m.tokens.inc((model, provider, "cache_write"), usage.cache_write_tokens)
+        if usage.reasoning_tokens:
+            m.tokens.inc((model, provider, "reasoning"), usage.reasoning_tokens)
+        m.cost.inc((model, provider), cost)
+    if exchange.refused:
+        m.rejections.inc((exchange.outcome,))
     ticket = exchange.ticket
     if ticket is not None:  # admitted by the limiter: settle, and account for it
         ticket.settle(usage.total_tokens, cost)
@@ -140,6 +175,8 @@ def _account(request: web.Request, exchange: Exchange, state: GatewayState) -> N
             )
         )
     access_log = request.app[ACCESS_LOG]
+    if not access_log.enabled:
+        return
     access_log.write(
         {
             "ts": access_log.timestamp(exchange.ts),

@@ -175,8 +175,25 @@ class StorageConfig:
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
-    # "sha256:<hex>" of the admin key that guards /admin; no key, no admin API.
+    # "sha256:<hex>" of the admin key that guards /admin, /dashboard and /metrics; no key,
+    # no admin API and no dashboard.
     key_hash: str | None = None
+    # "host:port" of a separate listener that serves /metrics (and /healthz, /readyz)
+    # without a key, for a Prometheus on a trusted network; /metrics then leaves the main
+    # listener.
+    metrics_listen: str | None = None
+
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: LogLevel = "info"
+    # "json": one JSON object per line (for journald and log shippers); "text": for humans.
+    format: Literal["json", "text"] = "json"
+    # One line per request (request id, key id, model, provider, status, tokens, latency).
+    access_log: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +201,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     admin: AdminConfig = AdminConfig()
+    logging: LoggingConfig = LoggingConfig()
     providers: tuple[ProviderConfig, ...] = ()
     # alias -> a model id, a list of model ids (fallbacks in order), or {models, weights}
     aliases: Mapping[str, AliasConfig] = field(default_factory=dict)
@@ -445,6 +463,11 @@ def _check(config: Config) -> None:
 
     if config.admin.key_hash is not None and not _KEY_HASH.match(config.admin.key_hash):
         raise ConfigError('admin.key_hash: expected "sha256:<64 hex digits>"')
+    listen = config.admin.metrics_listen
+    if listen is not None and not re.match(
+        r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$", listen
+    ):
+        raise ConfigError(f'admin.metrics_listen: expected "host:port", got "{listen}"')
     st = config.storage
     if st.flush_interval <= 0:
         raise ConfigError("storage.flush_interval: must be greater than 0 seconds")

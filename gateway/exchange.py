@@ -33,6 +33,7 @@ class Exchange:
         "key_id",
         "model",
         "prompt_estimate",
+        "refused",
         "request_id",
         "runtime",
         "started",
@@ -67,6 +68,7 @@ class Exchange:
         self.first_byte_at = 0.0  # when the first streamed content went to the client
         self.ticket: Ticket | None = None  # the limiter's reservation, once admitted
         self.prompt_estimate = 0  # input tokens as estimated before sending
+        self.refused = False  # by the gateway's own limits
 
     def start_upstream(self, deployment: Deployment) -> None:
         self.deployment = deployment

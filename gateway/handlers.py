@@ -29,6 +29,7 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .exchange import EXCHANGE, Exchange
+from .metrics import Metrics
 from .resilience import Breaker, parse_retry_after, weighted_order
 from .runtime import STATE, Runtime
 from .streaming import StreamTimeouts, StreamWatch, pipe, prepare_sse
@@ -108,7 +109,12 @@ async def forward(
     exchange.model = route.requested
     exchange.stream = body.get("stream") is True or endpoint == "speech"
     if exchange.stream:
-        return await forward_stream(request, rt, route, body, endpoint, exchange)
+        metrics = request.app[STATE].metrics
+        metrics.in_flight_streams += 1
+        try:
+            return await forward_stream(request, rt, route, body, endpoint, exchange)
+        finally:
+            metrics.in_flight_streams -= 1
     upstream, translator, _ = await open_upstream(request, rt, route, body, endpoint, exchange)
     try:
         answer = translator.response_body(await upstream.read())
@@ -239,12 +245,16 @@ async def open_upstream(
         if position:
             exchange.fallbacks += 1
         try:
-            upstream = await send(rt, deployment, call, translator, breaker, exchange)
+            upstream = await send(
+                rt, deployment, call, translator, breaker, exchange, state.metrics
+            )
         except GatewayError as e:
             if not e.may_fall_back:
                 raise
             failure = e
             continue
+        if position:
+            state.metrics.fallbacks.inc((route.requested,))
         return upstream, translator, deployment
     raise failure or ServiceUnavailable("No deployment could serve the request.")
 
@@ -256,13 +266,15 @@ async def send(
     translator: Translator,
     breaker: Breaker,
     exchange: Exchange,
+    metrics: Metrics,
 ) -> UpstreamResponse:
     """Send one call to one deployment, retrying connection errors, 429 and 5xx with
     exponential backoff and full jitter (honouring Retry-After) within the request timeout."""
     s = rt.config.server
     loop = asyncio.get_running_loop()
     deadline = loop.time() + (deployment.provider.request_timeout or s.request_timeout)
-    upstream_client = rt.upstreams[deployment.provider.name]
+    provider = deployment.provider.name
+    upstream_client = rt.upstreams[provider]
     attempt = 0
     settled = False
     try:
@@ -273,7 +285,9 @@ async def send(
                 upstream = await upstream_client.send(call)
             except GatewayError as e:
                 error = e
+                metrics.upstream_attempts.inc((provider, e.code or "error"))
             else:
+                metrics.upstream_attempts.inc((provider, str(upstream.status)))
                 if upstream.status < 400:
                     breaker.succeeded()
                     settled = True
@@ -296,6 +310,7 @@ async def send(
                 raise error
             await asyncio.sleep(delay)
             attempt += 1
+            metrics.retries.inc((provider,))
             if not breaker.allow():
                 raise error
             settled = False
@@ -322,6 +337,8 @@ def admit(
     model's cap, else DEFAULT_OUTPUT_RESERVATION) for a chat answer.
     """
     exchange = request[EXCHANGE]
+    if route is not None:
+        exchange.model = route.requested
     prompt = (request.content_length or 0) // 4
     output = 0
     cost = 0.0
@@ -334,14 +351,18 @@ def admit(
         cost = cost_of(model, Usage(prompt_tokens=prompt, completion_tokens=output))
     exchange.prompt_estimate = prompt
     limiter_class = endpoint if endpoint in ("chat", "embeddings") else "standard"
-    exchange.ticket = request.app[STATE].limiter.admit(
-        principal.key_id,
-        principal.limits,
-        exchange.client_ip,
-        limiter_class,  # type: ignore[arg-type]
-        prompt + output,
-        cost,
-    )
+    try:
+        exchange.ticket = request.app[STATE].limiter.admit(
+            principal.key_id,
+            principal.limits,
+            exchange.client_ip,
+            limiter_class,  # type: ignore[arg-type]
+            prompt + output,
+            cost,
+        )
+    except GatewayError:
+        exchange.refused = True
+        raise
 
 
 def parse_period(query: Mapping[str, str], now: float | None = None) -> tuple[date, date]:

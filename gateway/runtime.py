@@ -20,7 +20,9 @@ from aiohttp import web
 from . import config as config_module
 from .auth import KeyRecords, KeyStore
 from .config import Config
+from .exchange import Exchange
 from .limits import KeyStreak, Limiter
+from .metrics import Metrics
 from .resilience import Backoff, Breakers
 from .router import Router
 from .upstream import Upstream, make_upstream
@@ -83,6 +85,9 @@ class GatewayState:
         self.breakers = Breakers(s.breaker_failures, s.breaker_cooldown)
         self.limiter = Limiter(config.limits)
         self.usage = UsageRecorder(config.storage)
+        self.metrics = Metrics()
+        self.in_flight: dict[int, Exchange] = {}  # what the dashboard shows as live
+        self.started_at = time.time()
         self.reloads = 0
         self._keys_generation = -1
         self._tasks: list[asyncio.Task[None]] = []
