@@ -19,7 +19,6 @@ from .errors import InvalidAPIKey, InvalidRequest, NotFound
 from .exchange import EXCHANGE
 from .handlers import parse_period
 from .runtime import STATE, GatewayState
-from .usage import UsageStore
 from .usage_store import KeyConflict, UnknownKey
 
 MAX_GRACE = 30 * 86400
@@ -66,7 +65,7 @@ async def usage(request: web.Request) -> web.Response:
 async def list_keys(request: web.Request) -> web.Response:
     state = admin_state(request)
     config = state.config
-    managed = {k.id: k for k in await state.usage.call(UsageStore.list_keys)}
+    managed = {k.id: k for k in await state.usage.list_keys()}
     revoked = await state.usage.revoked_ids()
     principals = {p.key_id: p for p in state.runtime.keys.principals()}
     stats = {s["key_id"]: s for s in await state.usage.key_stats([k.id for k in config.keys])}
@@ -113,8 +112,7 @@ async def create_key(request: web.Request) -> web.Response:
         raise InvalidRequest(f"No tier '{tier}' in the config.", param="tier")
     key = new_key()
     try:
-        record = await state.usage.call(
-            UsageStore.add_key,
+        record = await state.usage.add_key(
             key_id,
             hash_key(key),
             description=str(body.get("description", "")),
@@ -133,12 +131,10 @@ async def create_key(request: web.Request) -> web.Response:
 async def revoke_key(request: web.Request) -> web.Response:
     state = admin_state(request)
     key_id = request.match_info["key_id"]
-    known = {k.id for k in state.config.keys} | {
-        k.id for k in await state.usage.call(UsageStore.list_keys)
-    }
+    known = {k.id for k in state.config.keys} | {k.id for k in await state.usage.list_keys()}
     if key_id not in known:
         raise NotFound(f"No key '{key_id}'.", param="key_id", code="key_not_found")
-    revoked_at = await state.usage.call(UsageStore.revoke_key, key_id, "admin API")
+    revoked_at = await state.usage.revoke_key(key_id, "admin API")
     await state.load_keys()
     return _json({"id": key_id, "revoked": True, "revoked_at": revoked_at})
 
@@ -159,7 +155,7 @@ async def rotate_key(request: web.Request) -> web.Response:
         )
     key = new_key()
     try:
-        record = await state.usage.call(UsageStore.rotate_key, key_id, hash_key(key), float(grace))
+        record = await state.usage.rotate_key(key_id, hash_key(key), float(grace))
     except UnknownKey:
         raise NotFound(
             f"No managed key '{key_id}'.", param="key_id", code="key_not_found"

@@ -26,7 +26,7 @@ from .metrics import Metrics
 from .resilience import Backoff, Breakers
 from .router import Router
 from .upstream import Upstream, make_upstream
-from .usage import TierState, UsageRecorder, UsageStore
+from .usage import TierState, UsageRecorder
 
 log = logging.getLogger("gateway")
 
@@ -149,11 +149,11 @@ class GatewayState:
     async def load_keys(self) -> None:
         """Read managed keys, revocations and earned tiers, and rebuild the key store."""
         usage = self.usage
-        self._keys_generation = await usage.call(UsageStore.keys_generation)
+        self._keys_generation = await usage.keys_generation()
         self.records = KeyRecords(
             managed=await usage.valid_keys(),
             revoked=await usage.revoked_ids(),
-            tiers=await usage.call(UsageStore.tier_states),
+            tiers=await usage.tier_states(),
         )
         self.runtime.keys = KeyStore(self.config, self.records)
         for key_id in self.records.revoked:
@@ -186,8 +186,8 @@ class GatewayState:
         while True:
             await asyncio.sleep(KEY_POLL_INTERVAL)
             try:
-                generation = await self.usage.call(UsageStore.keys_generation)
-                change = await self.usage.call(UsageStore.next_key_change)
+                generation = await self.usage.keys_generation()
+                change = await self.usage.next_key_change()
                 if generation != self._keys_generation or (change and change <= time.time()):
                     await self.load_keys()
             except Exception:
@@ -210,13 +210,13 @@ class GatewayState:
             tiers[key_id] = new
             reason = "automatic upgrade: used without hitting a limit"
             state = TierState(key_id, new, 0, _today(), time.time())
-            await self.usage.call(UsageStore.add_tier_change, key_id, old, new, reason, state=state)
+            await self.usage.add_tier_change(key_id, old, new, reason, state=state)
             log.info("key %s moved from tier %s to %s", key_id, old, new)
         for key_id, streak in self.limiter.streaks().items():
             state = TierState(
                 key_id, tiers.get(key_id), streak.days, streak.through.isoformat(), time.time()
             )
-            await self.usage.call(UsageStore.set_tier_state, state)
+            await self.usage.set_tier_state(state)
         if upgrades:
             await self.load_keys()
 

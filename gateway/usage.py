@@ -19,7 +19,7 @@ import logging
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from typing import Concatenate, ParamSpec, TypeVar
@@ -260,6 +260,61 @@ class UsageRecorder:
 
     async def revoked_ids(self) -> frozenset[str]:
         return await self.call(UsageStore.revoked_ids)
+
+    async def records(
+        self, key_id: str | None = None, start: float = 0.0, end: float | None = None
+    ) -> list[UsageRecord]:
+        return await self.call(UsageStore.records, key_id, start, end)
+
+    async def list_keys(self, include_revoked: bool = True) -> list[ManagedKey]:
+        return await self.call(UsageStore.list_keys, include_revoked)
+
+    async def add_key(
+        self,
+        key_id: str,
+        key_hash: str,
+        *,
+        description: str = "",
+        models: Sequence[str] = ("*",),
+        tier: str | None = None,
+    ) -> ManagedKey:
+        return await self.call(
+            UsageStore.add_key, key_id, key_hash, description=description, models=models, tier=tier
+        )
+
+    async def revoke_key(self, key_id: str, reason: str = "") -> float:
+        return await self.call(UsageStore.revoke_key, key_id, reason)
+
+    async def rotate_key(self, key_id: str, new_hash: str, grace: float) -> ManagedKey:
+        return await self.call(UsageStore.rotate_key, key_id, new_hash, grace)
+
+    async def keys_generation(self) -> int:
+        return await self.call(UsageStore.keys_generation)
+
+    async def next_key_change(self) -> float | None:
+        return await self.call(UsageStore.next_key_change)
+
+    async def tier_states(self) -> dict[str, TierState]:
+        return await self.call(UsageStore.tier_states)
+
+    async def set_tier_state(self, state: TierState) -> None:
+        await self.call(UsageStore.set_tier_state, state)
+
+    async def add_tier_change(
+        self,
+        key_id: str,
+        from_tier: str | None,
+        to_tier: str | None,
+        reason: str,
+        *,
+        state: TierState | None = None,
+    ) -> TierChange:
+        return await self.call(
+            UsageStore.add_tier_change, key_id, from_tier, to_tier, reason, state=state
+        )
+
+    async def tier_changes(self, key_id: str | None = None, since: float = 0.0) -> list[TierChange]:
+        return await self.call(UsageStore.tier_changes, key_id, since)
 
     # --- the writer -----------------------------------------------------------------------
 

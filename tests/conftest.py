@@ -13,7 +13,7 @@ from gateway.accesslog import AccessLog
 from gateway.app import build
 from gateway.auth import hash_key, new_key
 from gateway.runtime import STATE, GatewayState
-from gateway.usage import UsageRecord, UsageStore
+from gateway.usage import UsageRecord
 
 from .fakes.anthropic_upstream import FakeAnthropic
 from .fakes.base import UPSTREAM_KEY, FakeUpstream
@@ -151,7 +151,7 @@ class Gateway:
     async def records(self) -> list[UsageRecord]:
         """Every usage record so far (after flushing the write-behind queue)."""
         assert await self.state.usage.flush()
-        return await self.state.usage.call(UsageStore.records)
+        return await self.state.usage.records()
 
     async def close_clients(self) -> None:
         for client in self.clients:
