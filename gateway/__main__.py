@@ -47,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
     serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N processes on the same port (needs [cluster] redis_url, so that limits "
+        "are shared)",
+    )
+    serve.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         help="overrides [logging] level",
@@ -100,6 +109,18 @@ def _serve(ns: argparse.Namespace) -> int:
     configure_logging(config, ns.log_level)
     host = ns.host or config.server.host
     port = ns.port or config.server.port
+    if ns.workers > 1:
+        if not config.cluster.redis_url:
+            print(
+                "gateway: --workers needs [cluster] redis_url: each process would otherwise "
+                f"keep its own limits, and {ns.workers} processes would allow {ns.workers} "
+                "times what the config says",
+                file=sys.stderr,
+            )
+            return 2
+        from .workers import run_workers
+
+        return run_workers(ns.workers, ns.config, host, port, ns.log_level)
     loop: asyncio.AbstractEventLoop | None = None
     try:
         import uvloop
@@ -140,6 +161,7 @@ def _serve(ns: argparse.Namespace) -> int:
         print=listening,
         # many clients connecting at once must not be turned away by a short accept queue
         backlog=4096,
+        reuse_port=ns.worker is not None,  # the workers of `--workers N` share the port
         shutdown_timeout=config.server.shutdown_timeout,
         handler_cancellation=True,
         loop=loop,

@@ -197,11 +197,26 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    # Shared limits for a fleet of gateway processes: "redis://host:6379/0". Unset: every
+    # process limits on its own (and `serve --workers` stays at 1).
+    redis_url: str | None = None
+    # When Redis cannot be reached: "open" serves with each process's own limits (and counts
+    # the fault), "closed" answers 503.
+    on_redis_failure: Literal["open", "closed"] = "open"
+    # Seconds a Redis call may take before the policy above applies.
+    redis_timeout: float = 0.1
+    # Prefix of every key the gateway writes in Redis.
+    key_prefix: str = "gw:"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     admin: AdminConfig = AdminConfig()
     logging: LoggingConfig = LoggingConfig()
+    cluster: ClusterConfig = ClusterConfig()
     providers: tuple[ProviderConfig, ...] = ()
     # alias -> a model id, a list of model ids (fallbacks in order), or {models, weights}
     aliases: Mapping[str, AliasConfig] = field(default_factory=dict)
@@ -468,6 +483,11 @@ def _check(config: Config) -> None:
         r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$", listen
     ):
         raise ConfigError(f'admin.metrics_listen: expected "host:port", got "{listen}"')
+    cluster = config.cluster
+    if cluster.redis_url is not None and not re.match(r"^rediss?://", cluster.redis_url):
+        raise ConfigError('cluster.redis_url: expected "redis://host:port/db" or "rediss://..."')
+    if cluster.redis_timeout <= 0:
+        raise ConfigError("cluster.redis_timeout: must be greater than 0 seconds")
     st = config.storage
     if st.flush_interval <= 0:
         raise ConfigError("storage.flush_interval: must be greater than 0 seconds")

@@ -15,7 +15,7 @@ from .translate.base import Usage
 
 if TYPE_CHECKING:
     from .errors import GatewayError
-    from .limits import Ticket
+    from .limits import Admission
     from .router import Deployment
     from .runtime import Runtime
 
@@ -66,7 +66,7 @@ class Exchange:
         self.upstream_started = 0.0
         self.upstream_ended = 0.0
         self.first_byte_at = 0.0  # when the first streamed content went to the client
-        self.ticket: Ticket | None = None  # the limiter's reservation, once admitted
+        self.ticket: Admission | None = None  # the limiter's reservation, once admitted
         self.prompt_estimate = 0  # input tokens as estimated before sending
         self.refused = False  # by the gateway's own limits
 

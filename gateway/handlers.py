@@ -48,7 +48,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = validate.chat_request(await read_json(request))
     body: JSONObject = dict(chat)
     route = rt.router.resolve(chat["model"], principal, "chat")
-    admit(request, principal, route, body, "chat")
+    await admit(request, principal, route, body, "chat")
     return await forward(request, rt, route, body, "chat")
 
 
@@ -57,7 +57,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     embed = validate.embedding_request(await read_json(request))
     body: JSONObject = dict(embed)
     route = rt.router.resolve(embed["model"], principal, "embeddings")
-    admit(request, principal, route, body, "embeddings")
+    await admit(request, principal, route, body, "embeddings")
     return await forward(request, rt, route, body, "embeddings")
 
 
@@ -65,7 +65,7 @@ async def image_generations(request: web.Request) -> web.StreamResponse:
     rt, principal = authenticate(request)
     body = validate.image_request(await read_json(request))
     route = rt.router.resolve(body["model"], principal, "images")
-    admit(request, principal, route, body, "images")
+    await admit(request, principal, route, body, "images")
     return await forward(request, rt, route, body, "images")
 
 
@@ -73,19 +73,19 @@ async def audio_speech(request: web.Request) -> web.StreamResponse:
     rt, principal = authenticate(request)
     body = validate.speech_request(await read_json(request))
     route = rt.router.resolve(body["model"], principal, "speech")
-    admit(request, principal, route, body, "speech")
+    await admit(request, principal, route, body, "speech")
     return await forward(request, rt, route, body, "speech")
 
 
 async def list_models(request: web.Request) -> web.Response:
     rt, principal = authenticate(request)
-    admit(request, principal, None, {}, "models")
+    await admit(request, principal, None, {}, "models")
     return json_response(model_list(rt.router, principal, request.query))
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
     rt, principal = authenticate(request)
-    admit(request, principal, None, {}, "models")
+    await admit(request, principal, None, {}, "models")
     name = request.match_info["model"]
     found = model_object(rt.router, principal, name)
     if found is None:
@@ -96,7 +96,7 @@ async def retrieve_model(request: web.Request) -> web.Response:
 async def usage(request: web.Request) -> web.Response:
     """The caller's own usage: totals, per model and per day, for a period (this month)."""
     _, principal = authenticate(request)
-    admit(request, principal, None, {}, "usage")
+    await admit(request, principal, None, {}, "usage")
     start, end = parse_period(request.query)
     return json_response(await request.app[STATE].usage.summary(principal.key_id, start, end))
 
@@ -324,7 +324,7 @@ async def send(
 DEFAULT_OUTPUT_RESERVATION = 4096
 
 
-def admit(
+async def admit(
     request: web.Request,
     principal: Principal,
     route: Route | None,
@@ -351,15 +351,26 @@ def admit(
         cost = cost_of(model, Usage(prompt_tokens=prompt, completion_tokens=output))
     exchange.prompt_estimate = prompt
     limiter_class = endpoint if endpoint in ("chat", "embeddings") else "standard"
+    state = request.app[STATE]
     try:
-        exchange.ticket = request.app[STATE].limiter.admit(
-            principal.key_id,
-            principal.limits,
-            exchange.client_ip,
-            limiter_class,  # type: ignore[arg-type]
-            prompt + output,
-            cost,
-        )
+        if state.cluster is None:
+            exchange.ticket = state.limiter.admit(
+                principal.key_id,
+                principal.limits,
+                exchange.client_ip,
+                limiter_class,  # type: ignore[arg-type]
+                prompt + output,
+                cost,
+            )
+        else:  # limits shared by the fleet, in Redis
+            exchange.ticket = await state.cluster.admit(
+                principal.key_id,
+                principal.limits,
+                exchange.client_ip,
+                limiter_class,  # type: ignore[arg-type]
+                prompt + output,
+                cost,
+            )
     except GatewayError:
         exchange.refused = True
         raise

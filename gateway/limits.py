@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Final, Literal, NoReturn, TypeVar
+from typing import Final, Literal, NoReturn, Protocol, TypeVar
 
 from .config import BudgetPeriod, LimitsConfig, LimitSet, TierConfig
 from .errors import QuotaExceeded, RateLimited
@@ -398,6 +398,22 @@ class Ticket:
             return True
         budget = lim.budget
         return bool(budget and st.cost(lim.budget_period) + cost > budget * _COST_SLACK)
+
+
+class Admission(Protocol):
+    """What an admitted request holds: here a `Ticket`, in a fleet a Redis ticket."""
+
+    @property
+    def headers(self) -> dict[str, str]: ...
+
+    warning: str | None
+
+    @property
+    def bounded(self) -> bool: ...
+
+    def settle(self, tokens: int, cost: float) -> None: ...
+
+    def exceeded(self, tokens_so_far: int, cost_so_far: float) -> bool: ...
 
 
 # --- limiter --------------------------------------------------------------------------------

@@ -29,8 +29,9 @@ BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """The process is alive and its event loop answers."""
-    return web.json_response({"status": "ok"})
+    """The process is alive and its event loop answers (and which process: with `--workers`
+    there are several)."""
+    return web.json_response({"status": "ok", "pid": os.getpid()})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -85,6 +86,16 @@ def render_metrics(state: GatewayState, access_log_dropped: int) -> str:
         ("gateway_process_start_time_seconds", "Start time of the process (Unix seconds).",
          state.started_at),
     ]  # fmt: skip
+    if state.cluster is not None:
+        singles += [
+            ("gateway_cluster_redis_failures_total", "Redis calls that failed or timed out.",
+             state.cluster.failures),
+            ("gateway_cluster_local_admissions_total",
+             "Admissions decided by this process alone while Redis was unavailable.",
+             state.cluster.local_admissions),
+            ("gateway_cluster_degraded", "1 while Redis is unavailable.",
+             int(state.cluster.degraded)),
+        ]  # fmt: skip
     for name, help_text, value in singles:
         kind = "counter" if name.endswith("_total") else "gauge"
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
@@ -120,6 +131,8 @@ async def metrics_listener_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     host, _, port = listen.rpartition(":")
+    # each worker of `serve --workers N` listens on its own port: the given one plus its index
+    worker = int(os.environ.get("GATEWAY_WORKER", "0") or 0)
     side = web.Application()
 
     async def scrape(request: web.Request) -> web.Response:
@@ -131,7 +144,7 @@ async def metrics_listener_ctx(app: web.Application) -> AsyncIterator[None]:
     side.router.add_get("/readyz", readyz)
     runner = web.AppRunner(side, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host.strip("[]"), int(port))
+    site = web.TCPSite(runner, host.strip("[]"), int(port) + worker)
     await site.start()
     logging.getLogger("gateway").info("metrics listening on http://%s/metrics", listen)
     yield

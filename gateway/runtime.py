@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -22,6 +23,9 @@ from .auth import KeyRecords, KeyStore
 from .config import Config
 from .exchange import Exchange
 from .limits import KeyStreak, Limiter
+
+if TYPE_CHECKING:
+    from .cluster import RedisLimiter
 from .metrics import Metrics
 from .resilience import Backoff, Breakers
 from .router import Router
@@ -84,6 +88,11 @@ class GatewayState:
         s = config.server
         self.breakers = Breakers(s.breaker_failures, s.breaker_cooldown)
         self.limiter = Limiter(config.limits)
+        self.cluster: RedisLimiter | None = None
+        if config.cluster.redis_url:
+            from .cluster import RedisLimiter  # Redis is imported only when configured
+
+            self.cluster = RedisLimiter(config.cluster, self.limiter, config.limits.day_reset_hour)
         self.usage = UsageRecorder(config.storage)
         self.metrics = Metrics()
         self.in_flight: dict[int, Exchange] = {}  # what the dashboard shows as live
@@ -99,6 +108,8 @@ class GatewayState:
     async def start(self) -> None:
         await self.runtime.start()
         await self.usage.start()
+        if self.cluster is not None:
+            await self.cluster.start()
         await self.load_keys()
         await self._restore_limits()
         self._tasks = [
@@ -112,6 +123,8 @@ class GatewayState:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.runtime.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         await self.usage.close()
 
     async def reload(self) -> bool:
@@ -124,6 +137,8 @@ class GatewayState:
             return False
         if config.storage != self.config.storage:
             log.warning("reload: [storage] changes take effect after a restart")
+        if config.cluster != self.config.cluster:
+            log.warning("reload: [cluster] changes take effect after a restart")
         new = Runtime(config, self.records)
         try:
             await new.start()

@@ -53,7 +53,8 @@ def value(all_samples: dict[Any, float], name: str, **labels: str) -> float:
 
 async def test_health_and_readiness(make_gateway: MakeGateway) -> None:
     gateway = await make_gateway()
-    assert await get(gateway.url + "/healthz") == (200, '{"status": "ok"}')
+    status, body = await get(gateway.url + "/healthz")
+    assert (status, orjson.loads(body)) == (200, {"status": "ok", "pid": os.getpid()})
     status, body = await get(gateway.url + "/readyz")
     assert status == 200 and orjson.loads(body)["status"] == "ready"
     for deployment in gateway.state.runtime.router.models:

@@ -1,0 +1,311 @@
+"""A fleet of gateway processes sharing limits through a real Redis server."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.auth import hash_key, new_key
+from gateway.config import ClusterConfig, LimitsConfig
+from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway.limits import EffectiveLimits, Limiter
+
+from .test_cli import free_port
+from .test_lifecycle import GatewayProcess
+
+ROOT = Path(__file__).parent.parent
+KEY = new_key()
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, which a test may kill and restart."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed (.ci/run installs it)"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                import socket
+
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed here (.ci/run installs it from Debian)")
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def fleet_config(tmp_path: Path, redis_url: str, limits: str, policy: str = "open") -> Path:
+    path = tmp_path / "fleet.toml"
+    path.write_text(f"""
+[storage]
+path = "{tmp_path / "usage.db"}"
+
+[cluster]
+redis_url = "{redis_url}"
+on_redis_failure = "{policy}"
+redis_timeout = 0.2
+
+[[providers]]
+name = "demo"
+kind = "demo"
+models = [{{ id = "embed", capabilities = ["embeddings"] }}]
+
+[[keys]]
+id = "fleet"
+hash = "{hash_key(KEY)}"
+limits = {{ {limits} }}
+""")
+    return path
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def embed(session: aiohttp.ClientSession, url: str) -> int:
+    async with session.post(url + "/embeddings", json={"model": "demo/embed", "input": "x"},
+                            headers={"Authorization": f"Bearer {KEY}"}) as resp:  # fmt: skip
+        await resp.read()
+        return resp.status
+
+
+async def start_fleet(config: Path, n: int) -> list[GatewayProcess]:
+    fleet = [GatewayProcess(config) for _ in range(n)]
+    await asyncio.gather(*(g.start() for g in fleet))
+    return fleet
+
+
+async def stop_fleet(fleet: list[GatewayProcess]) -> list[tuple[int, str]]:
+    for g in fleet:
+        if g.proc is not None and g.proc.returncode is None:
+            g.signal(signal.SIGTERM)
+    return [await g.stop() for g in fleet]
+
+
+async def test_three_processes_share_one_limit(
+    tmp_path: Path, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    fleet = await start_fleet(
+        fleet_config(tmp_path, redis_server.url, "embeddings_per_minute = 12"), 3
+    )
+    try:
+        urls = itertools.cycle([g.url for g in fleet])
+        sequential = [await embed(session, next(urls)) for _ in range(15)]
+        assert sequential.count(200) == 12  # not 36: one limit for the fleet
+        assert sequential[12:] == [429, 429, 429]
+    finally:
+        results = await stop_fleet(fleet)
+    assert all(code == 0 for code, _ in results), results
+
+
+async def test_concurrent_clients_across_the_fleet(
+    tmp_path: Path, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    # a daily quota does not refill while the test runs: exactly 20, however long it takes
+    config = fleet_config(tmp_path, redis_server.url, "requests_per_day = 20")
+    fleet = await start_fleet(config, 3)
+    try:
+        urls = [g.url for g in fleet]
+        statuses = await asyncio.gather(*(embed(session, urls[i % 3]) for i in range(60)))
+        assert statuses.count(200) == 20
+        assert statuses.count(429) == 40
+    finally:
+        await stop_fleet(fleet)
+
+
+async def test_redis_down_fail_open_then_back(
+    tmp_path: Path, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    [gw] = await start_fleet(
+        fleet_config(tmp_path, redis_server.url, "embeddings_per_minute = 5"), 1
+    )
+    try:
+        assert [await embed(session, gw.url) for _ in range(6)].count(200) == 5
+        redis_server.stop()
+        started = time.monotonic()
+        # the process limits on its own: its local bucket is full, so 5 more pass
+        during = [await embed(session, gw.url) for _ in range(6)]
+        assert during.count(200) == 5 and during[-1] == 429
+        assert time.monotonic() - started < 5  # no request hung on the dead Redis
+        redis_server.start()  # an empty Redis, on the same port
+        await asyncio.sleep(1.2)  # Redis is tried again a second after it failed
+        after = [await embed(session, gw.url) for _ in range(6)]
+        assert after.count(200) == 5
+    finally:
+        [(code, stderr)] = await stop_fleet([gw])
+    assert code == 0
+    assert "redis unavailable" in stderr and "redis is back" in stderr
+
+
+async def test_redis_down_fail_closed(
+    tmp_path: Path, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    config = fleet_config(tmp_path, redis_server.url, "embeddings_per_minute = 5", policy="closed")
+    [gw] = await start_fleet(config, 1)
+    try:
+        assert await embed(session, gw.url) == 200
+        redis_server.stop()
+        async with session.post(gw.url + "/embeddings", json={"model": "demo/embed", "input": "x"},
+                                headers={"Authorization": f"Bearer {KEY}"}) as resp:  # fmt: skip
+            assert resp.status == 503
+            assert (await resp.json())["error"]["code"] == "service_unavailable"
+    finally:
+        await stop_fleet([gw])
+
+
+async def test_workers_share_a_port(
+    tmp_path: Path, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    config = fleet_config(tmp_path, redis_server.url, "embeddings_per_minute = 8")
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
+        "--workers", "2", cwd=ROOT, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        pids: set[int] = set()
+        for _ in range(400):  # until both workers answer (new connections land on either)
+            try:
+                async with (
+                    aiohttp.ClientSession() as fresh,
+                    fresh.get(f"http://127.0.0.1:{port}/healthz") as r,
+                ):
+                    pids.add((await r.json())["pid"])
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2
+        statuses = []
+        for _ in range(10):
+            async with aiohttp.ClientSession() as fresh:  # new connections: either worker
+                statuses.append(await embed(fresh, url))
+        assert statuses.count(200) == 8
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 0, stderr.decode()
+    assert stderr.decode().count("gateway listening on") == 2
+
+
+def test_workers_without_redis_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "g.toml"
+    config.write_text('[[providers]]\nname = "demo"\nkind = "demo"\nmodels = [{ id = "echo" }]\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--workers", "2"],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--workers needs [cluster] redis_url" in result.stderr
+
+
+def test_nothing_about_redis_is_imported_without_a_cluster(tmp_path: Path) -> None:
+    config = tmp_path / "g.toml"
+    config.write_text('[[providers]]\nname = "demo"\nkind = "demo"\nmodels = [{ id = "echo" }]\n')
+    code = (
+        "import sys; from gateway.config import load; from gateway.app import build; "
+        f"build(load({str(config)!r})); print('redis' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=30, cwd=ROOT)  # fmt: skip
+    assert result.stdout.strip() == "False", result.stderr
+
+
+async def test_admission_script_quotas_budgets_and_settlement(redis_server: RedisServer) -> None:
+    from gateway.cluster import RedisLimiter
+
+    local = Limiter(LimitsConfig())
+    cluster = RedisLimiter(ClusterConfig(redis_url=redis_server.url), local, 0)
+    await cluster.start()
+    try:
+        limits = EffectiveLimits(tokens_per_day=1000, budget=0.01, budget_period="day",
+                                 chat_per_minute=100)  # fmt: skip
+        first = await cluster.admit("k", limits, None, "chat", 600, 0.004)
+        assert first.headers["X-RateLimit-Limit-Requests"] == "100"
+        assert first.headers["X-RateLimit-Remaining-Requests"] == "99"
+        assert first.headers["X-RateLimit-Remaining-Tokens"] == "400"
+        with pytest.raises(QuotaExceeded) as caught:  # 600 reserved + 600 > 1000
+            await cluster.admit("k", limits, None, "chat", 600, 0.001)
+        assert int(caught.value.headers["Retry-After"]) > 60
+        first.settle(100, 0.001)  # the real usage was much smaller: room again
+        await asyncio.sleep(0.2)
+        second = await cluster.admit("k", limits, None, "chat", 600, 0.004)
+        assert second.headers["X-RateLimit-Remaining-Tokens"] == "300"
+        with pytest.raises(QuotaExceeded):  # budget: 0.001 + 0.004 + 0.006 > 0.01
+            await cluster.admit("k", limits, None, "chat", 10, 0.006)
+        bucket = EffectiveLimits(embeddings_per_minute=2)
+        await cluster.admit("b", bucket, None, "embeddings", 0, 0)
+        await cluster.admit("b", bucket, None, "embeddings", 0, 0)
+        with pytest.raises(RateLimited) as limited:
+            await cluster.admit("b", bucket, None, "embeddings", 0, 0)
+        assert limited.value.headers["Retry-After"] == "30"
+    finally:
+        await cluster.close()
+
+
+async def test_admission_without_redis_fails_fast(tmp_path: Path) -> None:
+    from gateway.cluster import RedisLimiter
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    local = Limiter(LimitsConfig())
+    limits = EffectiveLimits(chat_per_minute=1)
+    opened = RedisLimiter(ClusterConfig(redis_url=dead, redis_timeout=0.1), local, 0)
+    await opened.start()
+    started = time.monotonic()
+    ticket: Any = await opened.admit("k", limits, None, "chat", 1, 0.0)  # decided locally
+    assert ticket.headers["X-RateLimit-Limit-Requests"] == "1"
+    with pytest.raises(RateLimited):  # the local bucket holds: limits still apply
+        await opened.admit("k", limits, None, "chat", 1, 0.0)
+    assert time.monotonic() - started < 1
+    assert opened.failures >= 1 and opened.degraded
+    await opened.close()
+    closed = RedisLimiter(
+        ClusterConfig(redis_url=dead, redis_timeout=0.1, on_redis_failure="closed"), local, 0
+    )
+    await closed.start()
+    with pytest.raises(ServiceUnavailable):
+        await closed.admit("k2", limits, None, "chat", 1, 0.0)
+    await closed.close()
