@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -100,11 +99,10 @@ def _serve(ns: argparse.Namespace) -> int:
     config = _load(ns.config)
     if config is None:
         return 1
-    from aiohttp import web
 
     from .app import build
     from .ops import SYSTEMD, configure_logging
-    from .runtime import STATE
+    from .serve import serve
 
     configure_logging(config, ns.log_level)
     host = ns.host or config.server.host
@@ -131,18 +129,7 @@ def _serve(ns: argparse.Namespace) -> int:
 
     app = build(config)
 
-    async def on_startup(app: web.Application) -> None:
-        state = app[STATE]
-        reloading: list[asyncio.Future[bool]] = []
-
-        def reload() -> None:
-            log.info("SIGHUP: reloading %s", state.config.source)
-            reloading[:] = [asyncio.ensure_future(state.reload())]
-
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
-
-    def listening(*_: object) -> None:
-        # run_app calls this once every listening socket is open
+    def listening() -> None:
         log.info(
             "gateway listening on http://%s:%d (config %s, %d models)",
             host,
@@ -152,20 +139,7 @@ def _serve(ns: argparse.Namespace) -> int:
         )
         app[SYSTEMD].ready()
 
-    app.on_startup.append(on_startup)
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        access_log=None,
-        print=listening,
-        # many clients connecting at once must not be turned away by a short accept queue
-        backlog=4096,
-        reuse_port=ns.worker is not None,  # the workers of `--workers N` share the port
-        shutdown_timeout=config.server.shutdown_timeout,
-        handler_cancellation=True,
-        loop=loop,
-    )
+    serve(app, config, host, port, reuse_port=ns.worker is not None, on_ready=listening, loop=loop)
     log.info("gateway stopped")
     return 0
 

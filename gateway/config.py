@@ -55,6 +55,10 @@ class ServerConfig:
     breaker_cooldown: float = 30.0
     # How long SIGTERM waits for requests in flight (streams included) before closing them.
     shutdown_timeout: float = 30.0
+    # Connections that send no complete request head within header_timeout seconds, or sit
+    # idle between requests for keepalive_timeout seconds, are closed (slow-loris clients).
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +384,8 @@ def _check(config: Config) -> None:
         "keepalive_interval",
         "breaker_cooldown",
         "shutdown_timeout",
+        "header_timeout",
+        "keepalive_timeout",
     ):
         if getattr(s, name) <= 0:
             raise ConfigError(f"server.{name}: must be greater than 0 seconds")

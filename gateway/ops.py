@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .accesslog import ACCESS_LOG
 from .config import Config
@@ -170,7 +171,23 @@ class JSONFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+class BadRequestFilter(logging.Filter):
+    """aiohttp logs a malformed request (a huge header line, garbage on the socket) with a
+    traceback at error level; for the operator it is one line about a client's mistake."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = "refused a malformed request: %s"
+            record.args = (str(error.message).split("\n")[0][:200],)
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def configure_logging(config: Config, level_override: str | None = None) -> None:
+    logging.getLogger("aiohttp.server").addFilter(BadRequestFilter())
     handler = logging.StreamHandler(sys.stderr)
     if config.logging.format == "json":
         handler.setFormatter(JSONFormatter())

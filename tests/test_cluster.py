@@ -74,7 +74,11 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
-def fleet_config(tmp_path: Path, redis_url: str, limits: str, policy: str = "open") -> Path:
+def fleet_config(
+    tmp_path: Path, redis_url: str, limits: str, policy: str = "open", timeout: float = 2.0
+) -> Path:
+    """A fleet's config. The generous Redis timeout keeps a busy test machine from tripping
+    the fail-open policy (which would rightly let a process decide alone)."""
     path = tmp_path / "fleet.toml"
     path.write_text(f"""
 [storage]
@@ -83,7 +87,7 @@ path = "{tmp_path / "usage.db"}"
 [cluster]
 redis_url = "{redis_url}"
 on_redis_failure = "{policy}"
-redis_timeout = 0.2
+redis_timeout = {timeout}
 
 [[providers]]
 name = "demo"
@@ -158,9 +162,8 @@ async def test_concurrent_clients_across_the_fleet(
 async def test_redis_down_fail_open_then_back(
     tmp_path: Path, redis_server: RedisServer, session: aiohttp.ClientSession
 ) -> None:
-    [gw] = await start_fleet(
-        fleet_config(tmp_path, redis_server.url, "embeddings_per_minute = 5"), 1
-    )
+    config = fleet_config(tmp_path, redis_server.url, "embeddings_per_minute = 5", timeout=0.2)
+    [gw] = await start_fleet(config, 1)
     try:
         assert [await embed(session, gw.url) for _ in range(6)].count(200) == 5
         redis_server.stop()
@@ -182,7 +185,9 @@ async def test_redis_down_fail_open_then_back(
 async def test_redis_down_fail_closed(
     tmp_path: Path, redis_server: RedisServer, session: aiohttp.ClientSession
 ) -> None:
-    config = fleet_config(tmp_path, redis_server.url, "embeddings_per_minute = 5", policy="closed")
+    config = fleet_config(
+        tmp_path, redis_server.url, "embeddings_per_minute = 5", policy="closed", timeout=0.2
+    )
     [gw] = await start_fleet(config, 1)
     try:
         assert await embed(session, gw.url) == 200

@@ -1,0 +1,135 @@
+"""Running the application: listen, reload on SIGHUP, drain on SIGTERM and SIGINT, and keep
+clients that hold connections without sending requests (slow-loris) from piling up.
+
+aiohttp's ``run_app`` does most of this but gives no hold on the server's connections, which
+the connection guard needs; this is the same sequence with that added.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+
+from aiohttp import web
+
+from .config import Config
+from .runtime import STATE
+
+log = logging.getLogger("gateway")
+
+
+class ConnectionGuard:
+    """Closes connections that sent no complete request head within ``header_timeout`` of
+    opening (or of their last request), or stayed idle between requests longer than
+    ``keepalive_timeout``: a client cannot hold a connection without using it."""
+
+    def __init__(self, server: web.Server, header_timeout: float, keepalive_timeout: float):
+        self._server = server
+        self._header_timeout = header_timeout
+        self._keepalive_timeout = keepalive_timeout
+        self._seen: dict[int, tuple[int, float]] = {}  # handler id -> (requests, since)
+        self.closed = 0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        every = max(0.05, min(self._header_timeout, self._keepalive_timeout) / 4)
+        while True:
+            await asyncio.sleep(every)
+            self.sweep(loop.time())
+
+    def sweep(self, now: float) -> None:
+        live = list(self._server.connections)
+        seen: dict[int, tuple[int, float]] = {}
+        for handler in live:
+            # aiohttp's own counters: requests whose head was read, and the one in progress
+            count = getattr(handler, "_request_count", None)
+            busy = getattr(handler, "_current_request", None) is not None
+            if count is None:  # pragma: no cover - an aiohttp without them: no guard
+                return
+            before = self._seen.get(id(handler))
+            if before is None or before[0] != count or busy:
+                seen[id(handler)] = (count, now)
+                continue
+            limit = self._header_timeout if count == 0 else self._keepalive_timeout
+            if now - before[1] > limit:
+                handler.force_close()
+                transport = getattr(handler, "transport", None)
+                if transport is not None:
+                    transport.close()
+                self.closed += 1
+                continue
+            seen[id(handler)] = before
+        self._seen = seen
+
+
+def serve(
+    app: web.Application,
+    config: Config,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool,
+    on_ready: Callable[[], None],
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> None:
+    """Serve `app` until SIGTERM or SIGINT, then let requests in flight finish."""
+    loop = loop or asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(_serve(app, config, host, port, reuse_port, on_ready))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def _serve(
+    app: web.Application,
+    config: Config,
+    host: str,
+    port: int,
+    reuse_port: bool,
+    on_ready: Callable[[], None],
+) -> None:
+    s = config.server
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handler_cancellation=True,  # a client that leaves cancels its request at once
+        shutdown_timeout=s.shutdown_timeout,
+        keepalive_timeout=s.keepalive_timeout,
+    )
+    await runner.setup()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    state = app[STATE]
+    reloading: list[asyncio.Future[bool]] = []
+
+    def reload() -> None:
+        log.info("SIGHUP: reloading %s", state.config.source)
+        reloading[:] = [asyncio.ensure_future(state.reload())]
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    # many clients connecting at once must not be turned away by a short accept queue
+    site = web.TCPSite(runner, host, port, backlog=4096, reuse_port=reuse_port)
+    try:
+        await site.start()
+    except OSError as e:
+        log.error("cannot listen on %s:%d: %s", host, port, e.strerror)
+        await runner.cleanup()
+        raise SystemExit(1) from None
+    assert runner.server is not None
+    guard = ConnectionGuard(runner.server, s.header_timeout, s.keepalive_timeout)
+    guarding = asyncio.ensure_future(guard.run())
+    on_ready()
+    await stop.wait()
+    log.info("stopping: finishing the requests in flight (up to %g s)", s.shutdown_timeout)
+    guarding.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await guarding
+    # stops listening, waits for handlers up to shutdown_timeout, then runs the cleanups
+    await runner.cleanup()
