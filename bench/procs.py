@@ -50,6 +50,37 @@ class Server:
                 self.proc.wait()
 
 
+class Tree(Server):
+    """A server that runs as a parent and its child processes (`gateway serve --workers N`):
+    CPU and memory are summed over all of them."""
+
+    def pids(self) -> list[int]:
+        pid = self.proc.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            children = []
+        return [pid, *(int(c) for c in children)]
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for pid in self.pids():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                fields = stat[stat.rindex(")") + 2 :].split()
+                total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return total
+
+    def rss_mb(self) -> float:
+        total = 0.0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+        return total
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """What the bench reads around a measurement; subtract two to get the deltas."""

@@ -65,6 +65,12 @@ class Results:
             if row.target == "gateway" and bare is not None:
                 row.rps_x_bare = _div(row.rps, bare.rps)
                 row.cpu_x_bare = _div(row.cpu_us, bare.cpu_us)
+            single = self.find("gateway", "workers")
+            if row.target == "workers" and single is not None:
+                # against the single-process gateway, in the same run
+                row.extra["rps_x_single"] = _div(row.rps, single.rps)
+                if row.rps and single.rps:
+                    row.note += f"; {row.rps / single.rps:.2f}x the single process's req/s"
 
     def checks(self) -> list[Check]:
         gw, bare = "gateway", "bare"

@@ -28,6 +28,7 @@ SCENARIOS = (
     "translated",
     "large-prompt",
     "slow-streams",
+    "workers",
 )
 OPENAI_MODEL = "openai/gpt-bench"
 STARTUP_TRIES = 3  # the best of three spawns: other processes on a shared machine add noise
@@ -163,6 +164,11 @@ class Bench:
             if skipped:
                 self.results.add(Row("gateway", "translated", note=skipped))
                 return
+        if scenario == "workers":
+            skipped = self.start_workers()
+            if skipped:
+                self.results.add(Row("workers", "workers", note=skipped))
+                return
         targets, measure = self.plan(scenario)
         repeat = 1 if scenario == "slow-streams" else self.opts.repeat
         runs: dict[str, list[Row]] = {t: [] for t in targets}
@@ -190,6 +196,8 @@ class Bench:
             return proxies, lambda t: self.closed_loop(t, scenario, self.load(t, "large"), 32)
         if scenario == "slow-streams":
             return proxies, self.slow_streams
+        if scenario == "workers":
+            return ("gateway", "workers"), self.workers
         raise ValueError(f"unknown scenario {scenario!r}")
 
     async def closed_loop(self, target: str, scenario: str, load: Load, conns: int) -> Row:
@@ -285,6 +293,41 @@ class Bench:
         row = await self.closed_loop(target, "translated", self.load(target, kind), 32)
         if target == "gateway":
             row.note = "32 conns, OpenAI client -> Anthropic upstream (bare: OpenAI -> OpenAI)"
+        return row
+
+    def start_workers(self) -> str:
+        """Start Redis and `gateway serve --workers 2` on its config; '' or why it cannot."""
+        redis = shutil.which("redis-server")
+        if redis is None:
+            return "skipped: redis-server is not installed (apt-get install redis-server)"
+        if "workers" in self.servers:
+            return ""
+        redis_port, port = procs.free_port(), procs.free_port()
+        argv = [redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no"]  # fmt: skip
+        self.servers["redis"] = procs.start("redis", argv, redis_port, self.load_core,
+                                            self.tmp / "redis.log")  # fmt: skip
+        config = self.tmp / "gateway-workers.toml"
+        config.write_text(
+            (self.tmp / "gateway.toml").read_text()
+            + f'\n[cluster]\nredis_url = "redis://127.0.0.1:{redis_port}/0"\n'
+        )
+        gateway = ["serve", "--config", str(config), "--port", str(port), "--workers", "2"]
+        server = procs.start("workers", procs.python_argv("gateway", *gateway), port, None,
+                             self.tmp / "workers.log")  # fmt: skip
+        self.servers["workers"] = procs.Tree(
+            server.name, server.proc, server.port, server.ready_s, server.log
+        )
+        return ""
+
+    async def workers(self, target: str) -> Row:
+        """One gateway process (pinned to one core) against two workers sharing limits
+        through Redis (unpinned: both cores, which the load and upstream also use)."""
+        load = self.load(target, "nonstream")
+        row = await self.closed_loop(target, "workers", load, 256)
+        row.note = "256 conns, " + (
+            "2 processes + Redis, unpinned" if target == "workers" else "1 process, one core"
+        )
         return row
 
     async def slow_streams(self, target: str) -> Row:

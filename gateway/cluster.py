@@ -20,24 +20,24 @@ answers 503. Redis is tried again after a second; recovery needs nothing else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from .config import ClusterConfig
 from .errors import GatewayError, QuotaExceeded, RateLimited, ServiceUnavailable
 from .limits import EffectiveLimits, EndpointClass, Limiter, Ticket, go_duration
+from .resp import RedisConnection, RedisError, Script
 
 log = logging.getLogger("gateway.cluster")
 
 NANO = 1_000_000_000
 WINDOW_MS = 60_000  # a per-minute bucket refills from empty in a minute
 RETRY_REDIS_AFTER = 1.0  # seconds without Redis after it failed
+SETTLE_EVERY = 0.05  # settlements are sent together, this often
 
 # Admission. ARGV: prefix, reset offset (ms), buckets (count, then name, ms per unit, units
 # each), quotas (count, then name, period "d"|"m"|"t", limit, amount each).
@@ -115,8 +115,8 @@ end
 return out
 """
 
-# Settlement. ARGV: prefix, then (full key suffix, delta) pairs for counters, then
-# (bucket name, ms delta) pairs: moves each to the real usage.
+# Settlement of many admissions at once. ARGV: prefix, then (full key suffix, delta) pairs for
+# counters, then (bucket name, ms delta) pairs: moves each to the real usage.
 SETTLE = """
 local prefix = ARGV[1]
 local nc = tonumber(ARGV[2])
@@ -196,29 +196,29 @@ class RedisLimiter:
         self.config = config
         self.local = local
         self._offset_ms = day_reset_hour * 3_600_000
-        self._redis: aioredis.Redis | None = None
-        self._admit: Any = None
-        self._settle: Any = None
+        assert config.redis_url is not None
+        self._redis = RedisConnection(config.redis_url)
+        self._admit = Script(ADMIT)
+        self._settle = Script(SETTLE)
         self._down_until = 0.0
-        self._pending: set[asyncio.Task[None]] = set()
+        # settlements waiting to be sent: counter key -> delta, bucket -> ms
+        self._counter_moves: dict[str, int] = {}
+        self._bucket_moves: dict[str, float] = {}
+        self._settler: asyncio.Task[None] | None = None
         self.failures = 0  # Redis calls that failed or timed out
         self.local_admissions = 0  # admissions decided locally while Redis was down
         self._failing = False
 
     async def start(self) -> None:
-        timeout = self.config.redis_timeout
-        assert self.config.redis_url is not None
-        self._redis = aioredis.from_url(
-            self.config.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
-        self._admit = self._redis.register_script(ADMIT)
-        self._settle = self._redis.register_script(SETTLE)
+        self._settler = asyncio.ensure_future(self._settle_forever())
 
     async def close(self) -> None:
-        if self._pending:
-            await asyncio.wait(self._pending, timeout=2)
-        if self._redis is not None:
-            await self._redis.aclose()
+        if self._settler is not None:
+            self._settler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._settler
+        await self._send_settlements()
+        await self._redis.close()
 
     @property
     def degraded(self) -> bool:
@@ -246,14 +246,15 @@ class RedisLimiter:
             args += [q.name, q.period, q.limit, q.amount]
         try:
             async with asyncio.timeout(self.config.redis_timeout):
-                result = await self._admit(args=args)
+                result = await self._admit.run(self._redis, args)
         except (RedisError, OSError, TimeoutError) as e:
             self._fault(e)
             return self._without_redis(key_id, limits, ip, endpoint, est_tokens, est_cost)
         if self._failing:
             self._failing = False
             log.info("redis is back: limits are shared again")
-        if int(result[0]) == 0:
+        assert isinstance(result, list)
+        if int(result[0]) == 0:  # type: ignore[arg-type]
             raise self._refusal(result, buckets, quotas)
         return self._ticket(result, buckets, quotas, limits, est_tokens, est_cost)
 
@@ -426,28 +427,36 @@ class RedisLimiter:
             ticket.warning = f"{round(100 * used / limit)}% of the {what} used"
 
     def _settle_soon(self, ticket: RedisTicket, tokens: int, cost: float) -> None:
-        counters, tpm_bucket = ticket._counters, ticket._tpm_bucket
+        """Queue the move from the reservation to the real usage; sent with the others."""
         real = {"tk": tokens, "cost": round(cost * NANO)}
-        moves = [(key, real[kind] - reserved) for key, reserved, kind in counters if kind in real]
-        moves = [(key, delta) for key, delta in moves if delta]
-        tpm_shift = (tokens - ticket._est_tokens) * tpm_bucket[1] if tpm_bucket else 0.0
-        if not moves and not tpm_shift:
-            return  # the reservation was exact: spare the round trip
-        args: list[object] = [self.config.key_prefix, len(moves)]
-        for key, delta in moves:
-            args += [key, delta]
-        if tpm_bucket is not None and tpm_shift:
-            args += [1, tpm_bucket[0], repr(tpm_shift)]
-        else:
-            args.append(0)
-        task = asyncio.ensure_future(self._send_settlement(args))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        for key, reserved, kind in ticket._counters:
+            delta = real[kind] - reserved if kind in real else 0
+            if delta:
+                self._counter_moves[key] = self._counter_moves.get(key, 0) + delta
+        if ticket._tpm_bucket is not None and tokens != ticket._est_tokens:
+            name, per = ticket._tpm_bucket
+            shift = (tokens - ticket._est_tokens) * per
+            self._bucket_moves[name] = self._bucket_moves.get(name, 0.0) + shift
 
-    async def _send_settlement(self, args: list[object]) -> None:
+    async def _settle_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SETTLE_EVERY)
+            await self._send_settlements()
+
+    async def _send_settlements(self) -> None:
+        if not self._counter_moves and not self._bucket_moves:
+            return
+        counters, self._counter_moves = self._counter_moves, {}
+        buckets, self._bucket_moves = self._bucket_moves, {}
+        args: list[object] = [self.config.key_prefix, len(counters)]
+        for key, delta in counters.items():
+            args += [key, delta]
+        args.append(len(buckets))
+        for name, shift in buckets.items():
+            args += [name, repr(shift)]
         try:
             async with asyncio.timeout(self.config.redis_timeout * 4):
-                await self._settle(args=args)
+                await self._settle.run(self._redis, args)
         except (RedisError, OSError, TimeoutError) as e:
             self._fault(e)
 
