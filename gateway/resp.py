@@ -135,9 +135,7 @@ class Script:
 
 def encode(args: tuple[object, ...]) -> bytes:
     parts = [arg if isinstance(arg, bytes) else str(arg).encode() for arg in args]
-    return b"*%d\r\n" % len(parts) + b"".join(
-        [b"$%d\r\n%s\r\n" % (len(p), p) for p in parts]
-    )
+    return b"*%d\r\n" % len(parts) + b"".join([b"$%d\r\n%s\r\n" % (len(p), p) for p in parts])
 
 
 def parse(buf: bytearray, pos: int) -> tuple[Reply | RedisError, int] | None:
