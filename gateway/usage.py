@@ -361,6 +361,7 @@ class UsageRecorder:
                 try:
                     written = await backend.write_batch(chunk)
                 except backend.faults as e:
+                    self._writing = 0  # back in _pending: count it once in the log line
                     self._pending[0:0] = chunk
                     self._fault(e)
                     return False

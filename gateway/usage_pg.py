@@ -266,21 +266,23 @@ class PostgresUsageStore:
         """Connect, then create or migrate the schema. Raises if the database is unreachable:
         a gateway should not start without its usage database."""
         try:
+            # min_size 0: while the database is down, the writer's backoff paces reconnects
+            # (and logs once), rather than the pool's own floor-restoring loop.
             pool = await asyncpg.create_pool(
                 url,
-                min_size=1,
+                min_size=0,
                 max_size=pool_size,
                 timeout=connect_timeout,
                 command_timeout=command_timeout,
             )
         except _CONNECT_ERRORS as e:
-            raise UsageStoreError(f"cannot connect to {redact(url)}: {e}") from e
+            raise UsageStoreError(f"cannot open {redact(url)}: {e}") from e
         store = cls(pool, url, clock=clock)
         try:
             await store._migrate()
         except FAULTS as e:
             pool.terminate()
-            raise UsageStoreError(f"cannot migrate {redact(url)}: {e}") from e
+            raise UsageStoreError(f"cannot open {redact(url)}: {e}") from e
         except BaseException:
             pool.terminate()
             raise
