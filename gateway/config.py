@@ -167,6 +167,12 @@ class KeyConfig:
 class StorageConfig:
     # SQLite database of usage records and managed keys, relative to the working directory.
     path: str = "gateway.db"
+    # A shared PostgreSQL database instead of `path`, "postgresql://user@host:5432/db", for a
+    # fleet of gateways that report usage as one (needs `pip install 'gateway[postgres]'`).
+    # Leave the password out: PGPASSWORD or ~/.pgpass supply it.
+    url: str | None = None
+    # Connections each gateway process keeps to PostgreSQL (the writer uses one at a time).
+    pool_size: int = 4
     # Usage records are written in batches at most this many seconds apart; a crash loses
     # at most this much.
     flush_interval: float = 1.0
@@ -501,6 +507,10 @@ def _check(config: Config) -> None:
         raise ConfigError("storage.retention_days: must be at least 1")
     if st.queue_max < 1:
         raise ConfigError("storage.queue_max: must be at least 1")
+    if st.url is not None and not re.match(r"^postgres(ql)?://", st.url):
+        raise ConfigError('storage.url: expected "postgresql://user@host:port/database"')
+    if st.pool_size < 1:
+        raise ConfigError("storage.pool_size: must be at least 1")
 
 
 def _check_limit_set(limits: LimitSet, where: str) -> None:

@@ -1,21 +1,26 @@
 """``gateway keys new|list|revoke|rotate`` and ``gateway usage``: the key lifecycle and usage
-from a terminal, on the usage database named by the config's ``[storage] path``.
+from a terminal, on the usage database named by the config's ``[storage]`` (the SQLite file at
+``path``, or the PostgreSQL database at ``url``).
 
 A running gateway notices changes made here within a few seconds (it polls the database).
+Each command opens the store, runs one coroutine against it (``asyncio.run``) and closes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 
 from . import config as config_module
 from .auth import hash_key, new_key
-from .usage_store import KeyConflict, UnknownKey, UsageStore, default_period
+from .usage_backend import UsageBackend, open_backend
+from .usage_types import KeyConflict, UnknownKey, UsageStoreError, default_period
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -82,16 +87,33 @@ def _config_option(parser: argparse.ArgumentParser, required: bool = True) -> No
     )
 
 
-def _open(config_path: str) -> tuple[config_module.Config, UsageStore] | None:
+def _load(config_path: str) -> config_module.Config | None:
     try:
-        config = config_module.load(config_path)
+        return config_module.load(config_path)
     except config_module.ConfigError as e:
         print(f"gateway: invalid config: {e}", file=sys.stderr)
         return None
-    db = Path(config.storage.path)
-    if not db.is_absolute():
-        print(f"note: [storage] path is relative; using {db.resolve()}", file=sys.stderr)
-    return config, UsageStore(str(db))
+
+
+def _run(config: config_module.Config, command: Callable[[UsageBackend], Awaitable[int]]) -> int:
+    """Open the configured store, run `command` on it, close it; 1 if it cannot be opened."""
+    storage = config.storage
+    if storage.url is None and not Path(storage.path).is_absolute():
+        print(f"note: [storage] path is relative; using {Path(storage.path).resolve()}",
+              file=sys.stderr)  # fmt: skip
+
+    async def main() -> int:
+        try:
+            store = await open_backend(storage)
+        except (UsageStoreError, sqlite3.Error, OSError) as e:
+            print(f"gateway: cannot open the usage database: {e}", file=sys.stderr)
+            return 1
+        try:
+            return await command(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
 
 
 def keys_new(ns: argparse.Namespace) -> int:
@@ -116,19 +138,19 @@ def keys_new(ns: argparse.Namespace) -> int:
         if ns.tier:
             print(f'tier = "{ns.tier}"')
         return 0
-    opened = _open(ns.config)
-    if opened is None:
+    config = _load(ns.config)
+    if config is None:
         return 1
-    config, store = opened
     if any(k.id == ns.id for k in config.keys):
         print(f"gateway: key id '{ns.id}' is already defined in {ns.config}", file=sys.stderr)
         return 1
     if ns.tier and ns.tier not in config.tiers:
         print(f"gateway: no tier '{ns.tier}' in {ns.config}", file=sys.stderr)
         return 1
-    with store:
+
+    async def add(store: UsageBackend) -> int:
         try:
-            store.add_key(
+            await store.add_key(
                 ns.id,
                 hash_key(key),
                 description=ns.description,
@@ -138,22 +160,26 @@ def keys_new(ns: argparse.Namespace) -> int:
         except (KeyConflict, ValueError) as e:
             print(f"gateway: {e}", file=sys.stderr)
             return 1
-    print(f"New API key for '{ns.id}' (stored as a hash in {store.path}).")
-    print("It is shown only this once; store it now:\n")
-    print(f"    {key}\n")
-    print("A running gateway accepts it within a few seconds.")
-    return 0
+        print(f"New API key for '{ns.id}' (stored as a hash in {store.where}).")
+        print("It is shown only this once; store it now:\n")
+        print(f"    {key}\n")
+        print("A running gateway accepts it within a few seconds.")
+        return 0
+
+    return _run(config, add)
 
 
 def keys_list(ns: argparse.Namespace) -> int:
-    opened = _open(ns.config)
-    if opened is None:
+    config = _load(ns.config)
+    if config is None:
         return 1
-    config, store = opened
-    with store:
-        managed = {k.id: k for k in store.list_keys()}
-        revoked = store.revoked_ids()
-        stats = {s["key_id"]: s for s in store.key_stats([k.id for k in config.keys])}
+    return _run(config, lambda store: _list(config, store))
+
+
+async def _list(config: config_module.Config, store: UsageBackend) -> int:
+    managed = {k.id: k for k in await store.list_keys()}
+    revoked = await store.revoked_ids()
+    stats = {s["key_id"]: s for s in await store.key_stats([k.id for k in config.keys])}
     configured = {k.id: k for k in config.keys}
     rows = [
         (
@@ -194,25 +220,26 @@ def keys_list(ns: argparse.Namespace) -> int:
 
 
 def keys_revoke(ns: argparse.Namespace) -> int:
-    opened = _open(ns.config)
-    if opened is None:
+    config = _load(ns.config)
+    if config is None:
         return 1
-    config, store = opened
-    with store:
-        known = {k.id for k in config.keys} | {k.id for k in store.list_keys()}
+
+    async def revoke(store: UsageBackend) -> int:
+        known = {k.id for k in config.keys} | {k.id for k in await store.list_keys()}
         if ns.key_id not in known:
             print(f"gateway: no key '{ns.key_id}'", file=sys.stderr)
             return 1
-        store.revoke_key(ns.key_id, "gateway keys revoke")
-    print(f"Revoked '{ns.key_id}'. A running gateway refuses it within a few seconds.")
-    return 0
+        await store.revoke_key(ns.key_id, "gateway keys revoke")
+        print(f"Revoked '{ns.key_id}'. A running gateway refuses it within a few seconds.")
+        return 0
+
+    return _run(config, revoke)
 
 
 def keys_rotate(ns: argparse.Namespace) -> int:
-    opened = _open(ns.config)
-    if opened is None:
+    config = _load(ns.config)
+    if config is None:
         return 1
-    config, store = opened
     if any(k.id == ns.key_id for k in config.keys):
         print(
             f"gateway: '{ns.key_id}' is defined in {ns.config}: put a new hash there "
@@ -221,23 +248,25 @@ def keys_rotate(ns: argparse.Namespace) -> int:
         )
         return 1
     key = new_key()
-    with store:
+
+    async def rotate(store: UsageBackend) -> int:
         try:
-            store.rotate_key(ns.key_id, hash_key(key), ns.grace)
+            await store.rotate_key(ns.key_id, hash_key(key), ns.grace)
         except UnknownKey:
-            print(f"gateway: no key '{ns.key_id}' in {store.path}", file=sys.stderr)
+            print(f"gateway: no key '{ns.key_id}' in {store.where}", file=sys.stderr)
             return 1
-    print(f"New secret for '{ns.key_id}'. It is shown only this once; store it now:\n")
-    print(f"    {key}\n")
-    print(f"The old secret keeps working until {_when(time.time() + ns.grace)}.")
-    return 0
+        print(f"New secret for '{ns.key_id}'. It is shown only this once; store it now:\n")
+        print(f"    {key}\n")
+        print(f"The old secret keeps working until {_when(time.time() + ns.grace)}.")
+        return 0
+
+    return _run(config, rotate)
 
 
 def usage_table(ns: argparse.Namespace) -> int:
-    opened = _open(ns.config)
-    if opened is None:
+    config = _load(ns.config)
+    if config is None:
         return 1
-    _, store = opened
     try:
         default_start, default_end = default_period(time.time())
         start = date.fromisoformat(ns.start) if ns.start else default_start
@@ -245,8 +274,11 @@ def usage_table(ns: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"gateway: {e}", file=sys.stderr)
         return 1
-    with store:
-        report = store.admin_usage(start, end, key_id=ns.key)
+    return _run(config, lambda store: _usage(store, start, end, ns.key))
+
+
+async def _usage(store: UsageBackend, start: date, end: date, key_id: str | None) -> int:
+    report = await store.admin_usage(start, end, key_id=key_id)
     print(f"Usage from {report['period_start']} to {report['period_end']} (UTC, days included)\n")
     rows = [("KEY", "MODEL", "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "COST")]
     for key in report["keys"]:

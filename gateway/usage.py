@@ -2,31 +2,32 @@
 
 ``UsageRecorder.record()`` appends the record to an in-memory deque and returns: no I/O, no
 lock, no exception. One asyncio task drains the deque at most ``flush_interval`` seconds apart
-(sooner when a batch fills) and hands each batch to one dedicated worker thread, which owns the
-SQLite connection (``UsageStore``) and writes the batch and its daily roll-ups in one
-transaction. Queries run on the same thread, so the event loop never touches SQLite.
+(sooner when a batch fills) and hands each batch to the usage database (``usage_backend.py``),
+which writes the batch and its daily roll-ups in one transaction: by default a SQLite file on
+one dedicated worker thread, so that the event loop never touches SQLite; with
+``[storage] url`` a PostgreSQL database shared by a fleet of gateways, through an asyncpg pool.
 
-When the database cannot be written (locked, full, read-only) the batch is kept and retried
-with backoff, and the fault is logged once per episode. Records beyond ``queue_max`` waiting in
-memory are dropped and counted in ``dropped``; nothing is lost without a count and a log line.
+When the database cannot be written (locked, full, read-only, unreachable) the batch is kept
+and retried with backoff, and the fault is logged once per episode. Records beyond
+``queue_max`` waiting in memory are dropped and counted in ``dropped``; nothing is lost without
+a count and a log line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from typing import Concatenate, ParamSpec, TypeVar
 
 from .config import ModelConfig, StorageConfig
 from .translate.base import Usage
-from .usage_store import (
+from .usage_backend import SqliteBackend, UsageBackend, open_backend
+from .usage_store import UsageStore
+from .usage_types import (
     DAY,
     NANO,
     AdminUsage,
@@ -38,7 +39,6 @@ from .usage_store import (
     TierChange,
     TierState,
     UsageRecord,
-    UsageStore,
     UsageStoreError,
     UsageSummary,
     default_period,
@@ -53,6 +53,7 @@ __all__ = [
     "SchemaTooNew",
     "TierChange",
     "TierState",
+    "UsageBackend",
     "UsageRecord",
     "UsageRecorder",
     "UsageStore",
@@ -92,7 +93,7 @@ def cost_of(model: ModelConfig, usage: Usage) -> float:
 
 
 class UsageRecorder:
-    """The write-behind queue in front of a ``UsageStore``; see the module docstring.
+    """The write-behind queue in front of a usage database; see the module docstring.
 
     ``record()`` must be called from the event loop's thread. ``dropped`` counts every record
     that will never be written (queue full, invalid, recorded after close, or still unwritten
@@ -117,7 +118,7 @@ class UsageRecorder:
         self.written = 0
         self._queue: deque[UsageRecord] = deque()
         self._pending: list[UsageRecord] = []  # taken from the queue, not yet committed
-        self._writing = 0  # records in the batch the worker thread is writing
+        self._writing = 0  # records in the batch being written
         self._limit = config.queue_max
         self._batch_size = batch_size
         self._busy_timeout = busy_timeout
@@ -128,8 +129,7 @@ class UsageRecorder:
         self._closed = False
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._store: UsageStore | None = None
+        self._backend: UsageBackend | None = None
         self._task: asyncio.Task[None] | None = None
         self._failures = 0  # consecutive failed writes
         self._failing_since = 0.0
@@ -146,6 +146,13 @@ class UsageRecorder:
         """The last write failed; records are being kept for a retry."""
         return self._failures > 0
 
+    @property
+    def backend(self) -> UsageBackend:
+        """The open database (after ``start()``)."""
+        if self._backend is None:
+            raise RuntimeError("the usage store is not open")
+        return self._backend
+
     def record(self, rec: UsageRecord) -> None:
         """Queue one record for writing. O(1); never blocks, never raises."""
         if self._closed or len(self._queue) + len(self._pending) + self._writing >= self._limit:
@@ -156,42 +163,33 @@ class UsageRecorder:
             self._wake.set()
 
     async def start(self) -> None:
-        """Open (create, migrate) the database on the worker thread and start the writer.
+        """Open (create, migrate) the database and start the writer.
 
-        Raises ``UsageStoreError`` or ``sqlite3.Error`` if the file cannot be opened: the
-        gateway should not start without its usage database.
+        Raises ``UsageStoreError``, ``sqlite3.Error`` or a PostgreSQL error if the database
+        cannot be opened: the gateway should not start without its usage database.
         """
         if self._task is not None:
             raise RuntimeError("UsageRecorder.start() called twice")
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="gateway-usage")
-        try:
-            self._store = await asyncio.get_running_loop().run_in_executor(
-                self._executor,
-                functools.partial(
-                    UsageStore, self.config.path, clock=self.clock, busy_timeout=self._busy_timeout
-                ),
-            )
-        except BaseException:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-            raise
+        self._backend = await open_backend(
+            self.config, clock=self.clock, busy_timeout=self._busy_timeout
+        )
         self._task = asyncio.create_task(self._run(), name="gateway-usage-writer")
 
     async def flush(self) -> bool:
         """Write every record queued so far. False if the database failed (records are kept)."""
-        if self._store is None:
+        if self._backend is None:
             raise RuntimeError("UsageRecorder.flush() before start()")
         return await self._write_pending()
 
     async def close(self) -> None:
-        """Stop the writer, write what is queued (retrying up to close_timeout), close the file."""
+        """Stop the writer, write what is queued (retrying up to close_timeout), close the store."""
         if self._closed:
             return
         self._closed = True
         self._wake.set()
         if self._task is not None:
             await self._task
-        if self._store is not None:
+        if self._backend is not None:
             deadline = time.monotonic() + self._close_timeout
             while not await self._write_pending():
                 remaining = deadline - time.monotonic()
@@ -203,71 +201,69 @@ class UsageRecorder:
                     log.error("usage: %d records were not written before shutdown", lost)
                     break
                 await asyncio.sleep(min(self._backoff(), remaining))
-            await self.call(UsageStore.close)
-            self._store = None
+            await self._backend.close()
+            self._backend = None
         elif self.depth:
             self.dropped += self.depth
             log.error("usage: %d records were recorded but the store was never started", self.depth)
             self._queue.clear()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
 
     async def prune(self) -> int:
         """Delete raw records older than retention_days now; returns how many."""
         before = self.clock() - self.config.retention_days * DAY
         deleted = 0
-        while (n := await self.call(UsageStore.prune, before, PRUNE_CHUNK)) > 0:
+        while (n := await self.backend.prune(before, PRUNE_CHUNK)) > 0:
             deleted += n
             if n < PRUNE_CHUNK:
                 break
         return deleted
 
-    # --- queries, on the worker thread ----------------------------------------------------
+    # --- queries --------------------------------------------------------------------------
 
     async def call(
         self, fn: Callable[Concatenate[UsageStore, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        """Run ``fn(store, ...)`` on the worker thread, e.g. ``call(UsageStore.revoke_key, id)``."""
-        if self._store is None or self._executor is None:
-            raise RuntimeError("the usage store is not open")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, functools.partial(fn, self._store, *args, **kwargs)
-        )
+        """Run ``fn(store, ...)`` on the SQLite worker thread, e.g.
+        ``call(UsageStore.revoke_key, id)``; for SQLite only (tests, benchmarks)."""
+        backend = self.backend
+        if not isinstance(backend, SqliteBackend):
+            raise RuntimeError("call() needs the SQLite store; use the recorder's methods")
+        return await backend.call(fn, *args, **kwargs)
 
     async def summary(
         self, key_id: str | None, start: date, end: date, model: str | None = None
     ) -> UsageSummary:
-        return await self.call(UsageStore.summary, key_id, start, end, model)
+        return await self.backend.summary(key_id, start, end, model)
 
     async def admin_usage(
         self, start: date, end: date, key_id: str | None = None, model: str | None = None
     ) -> AdminUsage:
-        return await self.call(UsageStore.admin_usage, start, end, key_id, model)
+        return await self.backend.admin_usage(start, end, key_id, model)
 
     async def key_stats(self, key_ids: Iterable[str] = ()) -> list[KeyStats]:
-        return await self.call(UsageStore.key_stats, tuple(key_ids))
+        return await self.backend.key_stats(tuple(key_ids))
 
     async def totals_since(self, since: float) -> dict[str, KeyTotals]:
-        return await self.call(UsageStore.totals_since, since)
+        return await self.backend.totals_since(since)
 
     async def restore_counters(
         self, today_start: float, cost_since: float
     ) -> dict[str, RestoredCounters]:
-        return await self.call(UsageStore.restore_counters, today_start, cost_since)
+        return await self.backend.restore_counters(today_start, cost_since)
 
     async def valid_keys(self) -> dict[str, ManagedKey]:
-        return await self.call(UsageStore.valid_keys)
+        return await self.backend.valid_keys()
 
     async def revoked_ids(self) -> frozenset[str]:
-        return await self.call(UsageStore.revoked_ids)
+        return await self.backend.revoked_ids()
 
     async def records(
         self, key_id: str | None = None, start: float = 0.0, end: float | None = None
     ) -> list[UsageRecord]:
-        return await self.call(UsageStore.records, key_id, start, end)
+        return await self.backend.records(key_id, start, end)
 
     async def list_keys(self, include_revoked: bool = True) -> list[ManagedKey]:
-        return await self.call(UsageStore.list_keys, include_revoked)
+        return await self.backend.list_keys(include_revoked)
 
     async def add_key(
         self,
@@ -278,27 +274,27 @@ class UsageRecorder:
         models: Sequence[str] = ("*",),
         tier: str | None = None,
     ) -> ManagedKey:
-        return await self.call(
-            UsageStore.add_key, key_id, key_hash, description=description, models=models, tier=tier
+        return await self.backend.add_key(
+            key_id, key_hash, description=description, models=models, tier=tier
         )
 
     async def revoke_key(self, key_id: str, reason: str = "") -> float:
-        return await self.call(UsageStore.revoke_key, key_id, reason)
+        return await self.backend.revoke_key(key_id, reason)
 
     async def rotate_key(self, key_id: str, new_hash: str, grace: float) -> ManagedKey:
-        return await self.call(UsageStore.rotate_key, key_id, new_hash, grace)
+        return await self.backend.rotate_key(key_id, new_hash, grace)
 
     async def keys_generation(self) -> int:
-        return await self.call(UsageStore.keys_generation)
+        return await self.backend.keys_generation()
 
     async def next_key_change(self) -> float | None:
-        return await self.call(UsageStore.next_key_change)
+        return await self.backend.next_key_change()
 
     async def tier_states(self) -> dict[str, TierState]:
-        return await self.call(UsageStore.tier_states)
+        return await self.backend.tier_states()
 
     async def set_tier_state(self, state: TierState) -> None:
-        await self.call(UsageStore.set_tier_state, state)
+        await self.backend.set_tier_state(state)
 
     async def add_tier_change(
         self,
@@ -309,12 +305,10 @@ class UsageRecorder:
         *,
         state: TierState | None = None,
     ) -> TierChange:
-        return await self.call(
-            UsageStore.add_tier_change, key_id, from_tier, to_tier, reason, state=state
-        )
+        return await self.backend.add_tier_change(key_id, from_tier, to_tier, reason, state=state)
 
     async def tier_changes(self, key_id: str | None = None, since: float = 0.0) -> list[TierChange]:
-        return await self.call(UsageStore.tier_changes, key_id, since)
+        return await self.backend.tier_changes(key_id, since)
 
     # --- the writer -----------------------------------------------------------------------
 
@@ -355,6 +349,7 @@ class UsageRecorder:
         )
 
     async def _write_pending(self) -> bool:
+        backend = self.backend
         async with self._lock:
             if self._queue:
                 taken, self._queue = self._queue, deque()
@@ -364,8 +359,9 @@ class UsageRecorder:
                 del self._pending[: len(chunk)]
                 self._writing = len(chunk)
                 try:
-                    written = await self.call(UsageStore.write_batch, chunk)
-                except sqlite3.Error as e:
+                    written = await backend.write_batch(chunk)
+                except backend.faults as e:
+                    self._writing = 0  # back in _pending: count it once in the log line
                     self._pending[0:0] = chunk
                     self._fault(e)
                     return False
@@ -383,18 +379,18 @@ class UsageRecorder:
             if self._failures:
                 log.info(
                     "usage: %s is writable again after %.1f s; queued records written",
-                    self.config.path,
+                    backend.where,
                     time.monotonic() - self._failing_since,
                 )
                 self._failures = 0
             return True
 
-    def _fault(self, error: sqlite3.Error) -> None:
+    def _fault(self, error: BaseException) -> None:
         if not self._failures:
             self._failing_since = time.monotonic()
             log.error(
                 "usage: cannot write to %s (%s); keeping %d records and retrying",
-                self.config.path,
+                self.backend.where,
                 error,
                 self.depth,
             )
@@ -406,9 +402,10 @@ class UsageRecorder:
         if now < self._next_prune or self._failures:
             return
         before = now - self.config.retention_days * DAY
+        backend = self.backend
         try:
-            deleted = await self.call(UsageStore.prune, before, PRUNE_CHUNK)
-        except sqlite3.Error as e:  # retried next cycle; lasting faults show up in writes
+            deleted = await backend.prune(before, PRUNE_CHUNK)
+        except backend.faults as e:  # retried next cycle; lasting faults show up in writes
             log.debug("usage: retention skipped: %s", e)
             return
         if deleted < PRUNE_CHUNK:

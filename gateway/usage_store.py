@@ -1,8 +1,9 @@
 """The SQLite file behind usage accounting and managed keys: schema, migrations, writes, queries.
 
 ``UsageStore`` is synchronous and owns one ``sqlite3`` connection, which stays in the thread
-that opened it: the CLI uses it directly, the gateway only through ``UsageRecorder``'s worker
-thread (``usage.py``). The schema is created and migrated at open (``PRAGMA user_version``).
+that opened it: the CLI and the gateway use it through ``SqliteBackend`` (``usage_backend.py``),
+whose worker thread owns it. The schema is created and migrated at open (``PRAGMA user_version``).
+``usage_pg.py`` keeps the same tables in PostgreSQL for a fleet of gateways.
 
 Money is kept as integer nano-units (1e-9 of the price unit, USD or credits) in column
 ``cost_nano``: sums over millions of rows are then exact, and a record's cost loses at most half
@@ -28,172 +29,73 @@ import dataclasses
 import functools
 import itertools
 import json
-import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, date, datetime
-from typing import NamedTuple, TypedDict
+from datetime import date
 
-NANO = 1_000_000_000
-DAY = 86_400.0
+from .usage_types import (
+    DAY,
+    NANO,
+    AdminUsage,
+    DailyUsage,
+    KeyConflict,
+    KeyStats,
+    KeyTotals,
+    KeyUsage,
+    ManagedKey,
+    ModelUsage,
+    PeriodUsage,
+    RestoredCounters,
+    SchemaTooNew,
+    TierChange,
+    TierState,
+    UnknownKey,
+    UsageRecord,
+    UsageStoreError,
+    UsageSummary,
+    add_totals,
+    build_admin_usage,
+    build_key_stats,
+    build_summary,
+    check_hash,
+    check_key_id,
+    day_boundary,
+    day_start,
+    default_period,
+    is_valid_record,
+    restored_counters,
+    utc_day,
+)
 
-
-class UsageStoreError(Exception):
-    """The usage database cannot be used as asked; the message says why."""
-
-
-class SchemaTooNew(UsageStoreError):
-    pass
-
-
-class KeyConflict(UsageStoreError, ValueError):
-    pass
-
-
-class UnknownKey(UsageStoreError, LookupError):
-    pass
-
-
-class UsageRecord(NamedTuple):
-    """One request, as the usage table stores it.
-
-    ``key_id`` is "" when the request had no valid key; ``model`` is the model (or alias) the
-    client asked for, "" if it never said; ``provider`` and ``upstream_model`` are "" when no
-    deployment was tried. ``outcome`` is "ok", an error code, or "client_closed".
-    """
-
-    ts: float  # UNIX seconds when the request arrived
-    request_id: str
-    key_id: str
-    client_ip: str
-    endpoint: str
-    model: str
-    provider: str = ""
-    upstream_model: str = ""
-    status: int = 200
-    outcome: str = "ok"
-    prompt_tokens: int = 0  # includes cached and cache-write tokens
-    completion_tokens: int = 0  # includes reasoning tokens
-    cached_tokens: int = 0
-    cache_write_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost: float = 0.0
-    latency_ms: float = 0.0
-    ttft_ms: float | None = None  # streams only: time to the first byte sent to the client
-    stream: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ManagedKey:
-    id: str
-    hash: str  # the current "sha256:<hex>"
-    description: str = ""
-    models: tuple[str, ...] = ("*",)
-    tier: str | None = None
-    created_at: float = 0.0
-    revoked_at: float | None = None
-    expires_at: float | None = None
-
-
-class TierChange(NamedTuple):
-    key_id: str
-    ts: float
-    from_tier: str | None
-    to_tier: str | None
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class TierState:
-    """A key's automatic-upgrade state: its effective tier and its streak of clean days."""
-
-    key_id: str
-    tier: str | None
-    clean_days: int = 0
-    last_day: str | None = None  # the last UTC day counted, "YYYY-MM-DD"
-    updated_at: float = 0.0
-
-
-class KeyTotals(NamedTuple):
-    requests: int = 0
-    tokens: int = 0
-    cost: float = 0.0
-
-
-class RestoredCounters(NamedTuple):
-    """What the rate limiter needs back after a restart, for one key."""
-
-    requests_today: int
-    tokens_today: int
-    cost: float  # spent since the given timestamp
-
-
-class ModelUsage(TypedDict):
-    requests: int
-    errors: int
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    cached_tokens: int
-    cache_write_tokens: int
-    reasoning_tokens: int
-    cost: float
-
-
-class DailyUsage(TypedDict):
-    date: str
-    requests: int
-    total_tokens: int
-    cost: float
-
-
-class UsageSummary(TypedDict):
-    object: str  # "usage"
-    total_tokens: int
-    total_requests: int
-    total_cost: float
-    period_start: str  # inclusive
-    period_end: str  # inclusive
-    breakdown: dict[str, ModelUsage]
-    daily: list[DailyUsage]  # days with at least one request, oldest first
-
-
-class KeyUsage(TypedDict):
-    key_id: str
-    requests: int
-    total_tokens: int
-    cost: float
-    breakdown: dict[str, ModelUsage]
-
-
-class AdminUsage(TypedDict):
-    object: str  # "usage.keys"
-    total_tokens: int
-    total_requests: int
-    total_cost: float
-    period_start: str
-    period_end: str
-    keys: list[KeyUsage]
-
-
-class PeriodUsage(TypedDict):
-    requests: int
-    total_tokens: int
-    cost: float
-
-
-class KeyStats(TypedDict):
-    key_id: str
-    created: float | None  # managed keys only
-    first_used: float | None
-    last_used: float | None
-    requests: int
-    total_tokens: int
-    cost: float
-    today: PeriodUsage  # the current UTC day
-
+# The types live in usage_types (both stores share them); they are also importable from here.
+__all__ = [
+    "DAY",
+    "MIGRATIONS",
+    "NANO",
+    "SCHEMA_VERSION",
+    "AdminUsage",
+    "DailyUsage",
+    "KeyConflict",
+    "KeyStats",
+    "KeyTotals",
+    "KeyUsage",
+    "ManagedKey",
+    "ModelUsage",
+    "PeriodUsage",
+    "RestoredCounters",
+    "SchemaTooNew",
+    "TierChange",
+    "TierState",
+    "UnknownKey",
+    "UsageRecord",
+    "UsageStore",
+    "UsageStoreError",
+    "UsageSummary",
+    "day_start",
+    "default_period",
+    "is_valid_record",
+]
 
 # Each migration is a list of statements; migration i brings the schema to version i + 1.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -325,8 +227,6 @@ ON CONFLICT (key_id) DO UPDATE SET
 _SUMS = """sum(requests), sum(errors), sum(prompt_tokens), sum(completion_tokens),
     sum(cached_tokens), sum(cache_write_tokens), sum(reasoning_tokens), sum(cost_nano)"""
 
-_KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _DATA_ERRORS = (
     sqlite3.InterfaceError,
     sqlite3.ProgrammingError,
@@ -335,47 +235,6 @@ _DATA_ERRORS = (
     ValueError,
     OverflowError,
 )
-_INT64 = range(-(2**63), 2**63)
-_RECORD_TYPES: tuple[tuple[type | tuple[type, ...], ...], ...] = (
-    (int, float),
-    (str,),
-    (str, type(None)),
-    (str, type(None)),
-    (str,),
-    (str, type(None)),
-    (str, type(None)),
-    (str, type(None)),
-    (int,),
-    (str,),
-    *(((int,),) * 5),
-    (int, float),
-    (int, float),
-    (int, float, type(None)),
-    (bool, int),
-)
-
-
-def _money(nano: int | None) -> float:
-    return (nano or 0) / NANO
-
-
-def _day(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).date().isoformat()
-
-
-def _day_boundary(ts: float) -> float:
-    """The first midnight (UTC) at or after `ts`."""
-    return -(-ts // DAY) * DAY
-
-
-def is_valid_record(rec: object) -> bool:
-    """Whether a record has the shape and types the usage table accepts."""
-    if not isinstance(rec, tuple) or len(rec) != len(_RECORD_TYPES):
-        return False
-    return all(
-        isinstance(v, t) and (not isinstance(v, int) or v in _INT64)
-        for v, t in zip(rec, _RECORD_TYPES, strict=True)
-    )
 
 
 class UsageStore:
@@ -504,9 +363,7 @@ class UsageStore:
             sql += " AND key_id = ?"
             args.append(key_id)
         rows = self.conn.execute(sql + " ORDER BY ts, id", args).fetchall()
-        return [
-            UsageRecord._make((*r[:15], _money(r[15]), r[16], r[17], bool(r[18]))) for r in rows
-        ]
+        return [UsageRecord._make((*r[:15], r[15] / NANO, r[16], r[17], bool(r[18]))) for r in rows]
 
     # --- queries --------------------------------------------------------------------------
 
@@ -515,107 +372,47 @@ class UsageStore:
     ) -> UsageSummary:
         """Usage from `start` to `end`, both days included (UTC), of one key or all keys."""
         where, args = _filters(key_id, start, end, model)
-        breakdown: dict[str, ModelUsage] = {}
-        total_nano = 0
-        for m, *sums in self.conn.execute(
+        by_model = self.conn.execute(
             f"SELECT model, {_SUMS} FROM usage_daily WHERE {where} GROUP BY model ORDER BY model",
             args,
-        ):
-            breakdown[m] = _model_usage(sums)
-            total_nano += sums[-1]
-        daily: list[DailyUsage] = [
-            {"date": day, "requests": requests, "total_tokens": tokens, "cost": _money(cost)}
-            for day, requests, tokens, cost in self.conn.execute(
-                "SELECT day, sum(requests), sum(prompt_tokens + completion_tokens),"
-                f" sum(cost_nano) FROM usage_daily WHERE {where} GROUP BY day ORDER BY day",
-                args,
-            )
-        ]
-        return {
-            "object": "usage",
-            "total_tokens": sum(m["total_tokens"] for m in breakdown.values()),
-            "total_requests": sum(m["requests"] for m in breakdown.values()),
-            "total_cost": _money(total_nano),
-            "period_start": start.isoformat(),
-            "period_end": end.isoformat(),
-            "breakdown": breakdown,
-            "daily": daily,
-        }
+        ).fetchall()
+        by_day = self.conn.execute(
+            "SELECT day, sum(requests), sum(prompt_tokens + completion_tokens),"
+            f" sum(cost_nano) FROM usage_daily WHERE {where} GROUP BY day ORDER BY day",
+            args,
+        ).fetchall()
+        return build_summary(start, end, ((r[0], r[1:]) for r in by_model), by_day)
 
     def admin_usage(
         self, start: date, end: date, key_id: str | None = None, model: str | None = None
     ) -> AdminUsage:
         """Usage of every key (or one) from `start` to `end` inclusive, per key and model."""
         where, args = _filters(key_id, start, end, model)
-        keys: dict[str, KeyUsage] = {}
-        nano: dict[str, int] = {}
-        for kid, m, *sums in self.conn.execute(
+        rows = self.conn.execute(
             f"SELECT key_id, model, {_SUMS} FROM usage_daily WHERE {where}"
             " GROUP BY key_id, model ORDER BY key_id, model",
             args,
-        ):
-            usage = _model_usage(sums)
-            entry = keys.setdefault(
-                kid,
-                {"key_id": kid, "requests": 0, "total_tokens": 0, "cost": 0.0, "breakdown": {}},
-            )
-            entry["breakdown"][m] = usage
-            entry["requests"] += usage["requests"]
-            entry["total_tokens"] += usage["total_tokens"]
-            nano[kid] = nano.get(kid, 0) + sums[-1]
-            entry["cost"] = _money(nano[kid])
-        return {
-            "object": "usage.keys",
-            "total_tokens": sum(k["total_tokens"] for k in keys.values()),
-            "total_requests": sum(k["requests"] for k in keys.values()),
-            "total_cost": _money(sum(nano.values())),
-            "period_start": start.isoformat(),
-            "period_end": end.isoformat(),
-            "keys": list(keys.values()),
-        }
+        )
+        return build_admin_usage(start, end, ((r[0], r[1], r[2:]) for r in rows))
 
     def key_stats(self, key_ids: Iterable[str] = ()) -> list[KeyStats]:
         """Per key: created, first and last use, all-time totals and today's (UTC) usage.
 
         Lists managed keys, keys that were ever used and `key_ids` (e.g. the config's keys).
         """
-        today = _day(self.clock())
-        stats: dict[str, KeyStats] = {}
-
-        def entry(kid: str) -> KeyStats:
-            return stats.setdefault(
-                kid,
-                {
-                    "key_id": kid,
-                    "created": None,
-                    "first_used": None,
-                    "last_used": None,
-                    "requests": 0,
-                    "total_tokens": 0,
-                    "cost": 0.0,
-                    "today": {"requests": 0, "total_tokens": 0, "cost": 0.0},
-                },
-            )
-
-        for kid in key_ids:
-            entry(kid)
-        for kid, created in self.conn.execute("SELECT id, created_at FROM keys"):
-            entry(kid)["created"] = created
-        for kid, first, last in self.conn.execute("SELECT * FROM key_activity"):
-            e = entry(kid)
-            e["first_used"], e["last_used"] = first, last
-        for kid, requests, tokens, cost, t_requests, t_tokens, t_cost in self.conn.execute(
-            """SELECT key_id, sum(requests), sum(prompt_tokens + completion_tokens),
-                sum(cost_nano), sum(CASE day WHEN :d THEN requests ELSE 0 END),
-                sum(CASE day WHEN :d THEN prompt_tokens + completion_tokens ELSE 0 END),
-                sum(CASE day WHEN :d THEN cost_nano ELSE 0 END)
-            FROM usage_daily WHERE key_id != '' GROUP BY key_id""",
-            {"d": today},
-        ):
-            e = entry(kid)
-            e["requests"], e["total_tokens"], e["cost"] = requests, tokens, _money(cost)
-            e["today"] = {"requests": t_requests, "total_tokens": t_tokens, "cost": _money(t_cost)}
-        return [stats[k] for k in sorted(stats)]
+        return build_key_stats(
+            key_ids,
+            self.conn.execute("SELECT id, created_at FROM keys").fetchall(),
+            self.conn.execute("SELECT * FROM key_activity").fetchall(),
+            self.conn.execute(
+                """SELECT key_id, sum(requests), sum(prompt_tokens + completion_tokens),
+                    sum(cost_nano), sum(CASE day WHEN :d THEN requests ELSE 0 END),
+                    sum(CASE day WHEN :d THEN prompt_tokens + completion_tokens ELSE 0 END),
+                    sum(CASE day WHEN :d THEN cost_nano ELSE 0 END)
+                FROM usage_daily WHERE key_id != '' GROUP BY key_id""",
+                {"d": utc_day(self.clock())},
+            ).fetchall(),
+        )
 
     def totals_since(self, since: float) -> dict[str, KeyTotals]:
         """Requests, tokens and cost per key of the records with ts >= `since`.
@@ -624,42 +421,25 @@ class UsageStore:
         before the first midnight, so that a period longer than the raw retention (a monthly
         budget) still adds up; a `since` that is not a UTC midnight needs that day's raw rows.
         """
-        midnight = _day_boundary(since)
-        sums: dict[str, list[int]] = {}
-        queries = (
-            (
+        midnight = day_boundary(since)
+        return add_totals(
+            self.conn.execute(
                 "SELECT key_id, count(*), sum(prompt_tokens + completion_tokens),"
                 " sum(cost_nano) FROM usage WHERE ts >= ? AND ts < ? GROUP BY key_id",
                 (since, midnight),
             ),
-            (
+            self.conn.execute(
                 "SELECT key_id, sum(requests), sum(prompt_tokens + completion_tokens),"
                 " sum(cost_nano) FROM usage_daily WHERE day >= ? GROUP BY key_id",
-                (_day(midnight),),
+                (utc_day(midnight),),
             ),
         )
-        for sql, args in queries:
-            for kid, requests, tokens, cost in self.conn.execute(sql, args):
-                acc = sums.setdefault(kid, [0, 0, 0])
-                acc[0] += requests
-                acc[1] += tokens or 0
-                acc[2] += cost or 0
-        return {k: KeyTotals(r, t, _money(c)) for k, (r, t, c) in sums.items()}
 
     def restore_counters(
         self, today_start: float, cost_since: float
     ) -> dict[str, RestoredCounters]:
         """Per key: requests and tokens since `today_start`, cost since `cost_since`."""
-        today = self.totals_since(today_start)
-        spent = self.totals_since(cost_since)
-        return {
-            k: RestoredCounters(
-                today.get(k, KeyTotals()).requests,
-                today.get(k, KeyTotals()).tokens,
-                spent.get(k, KeyTotals()).cost,
-            )
-            for k in sorted(today.keys() | spent.keys())
-        }
+        return restored_counters(self.totals_since(today_start), self.totals_since(cost_since))
 
     # --- managed keys ---------------------------------------------------------------------
 
@@ -674,9 +454,8 @@ class UsageStore:
         expires_at: float | None = None,
     ) -> ManagedKey:
         """Store a new key by its hash. Raises KeyConflict if the id or hash is taken."""
-        if not _KEY_ID.match(key_id):
-            raise ValueError(f"key id '{key_id}' may use only letters, digits, '.', '_', '-'")
-        _check_hash(key_hash)
+        check_key_id(key_id)
+        check_hash(key_hash)
         key = ManagedKey(
             key_id, key_hash, description, tuple(models), tier, self.clock(), None, expires_at
         )
@@ -727,7 +506,7 @@ class UsageStore:
 
     def rotate_key(self, key_id: str, new_hash: str, grace: float) -> ManagedKey:
         """Give a managed key a new hash; the old one stays valid for `grace` seconds."""
-        _check_hash(new_hash)
+        check_hash(new_hash)
         now = self.clock()
         with self._transaction():
             key = self.get_key(key_id)
@@ -890,21 +669,6 @@ def _filters(
     return where, args
 
 
-def _model_usage(sums: Sequence[int]) -> ModelUsage:
-    requests, errors, prompt, completion, cached, cache_write, reasoning, cost = sums
-    return {
-        "requests": requests,
-        "errors": errors,
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "cached_tokens": cached,
-        "cache_write_tokens": cache_write,
-        "reasoning_tokens": reasoning,
-        "cost": _money(cost),
-    }
-
-
 def _managed_key(row: Sequence[object]) -> ManagedKey:
     kid, key_hash, description, models, tier, created, revoked, expires = row
     return ManagedKey(
@@ -917,19 +681,3 @@ def _managed_key(row: Sequence[object]) -> ManagedKey:
         float(revoked) if isinstance(revoked, int | float) else None,
         float(expires) if isinstance(expires, int | float) else None,
     )
-
-
-def _check_hash(key_hash: str) -> None:
-    if not _KEY_HASH.match(key_hash):
-        raise ValueError('a key hash is "sha256:<64 hex digits>"')
-
-
-def default_period(now: float) -> tuple[date, date]:
-    """The current UTC month up to today: the period of a summary when none is given."""
-    today = datetime.fromtimestamp(now, UTC).date()
-    return today.replace(day=1), today
-
-
-def day_start(day: date) -> float:
-    """UNIX time of a UTC day's midnight."""
-    return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
