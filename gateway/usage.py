@@ -30,6 +30,7 @@ from .usage_store import (
     DAY,
     NANO,
     AdminUsage,
+    DailyKeyModelUsage,
     KeyStats,
     KeyTotals,
     ManagedKey,
@@ -46,6 +47,7 @@ from .usage_store import (
 
 __all__ = [
     "AdminUsage",
+    "DailyKeyModelUsage",
     "KeyStats",
     "KeyTotals",
     "ManagedKey",
@@ -243,6 +245,11 @@ class UsageRecorder:
         self, start: date, end: date, key_id: str | None = None, model: str | None = None
     ) -> AdminUsage:
         return await self.call(UsageStore.admin_usage, start, end, key_id, model)
+
+    async def daily_usage(
+        self, start: date, end: date, key_id: str | None = None, model: str | None = None
+    ) -> list[DailyKeyModelUsage]:
+        return await self.call(UsageStore.daily_usage, start, end, key_id, model)
 
     async def key_stats(self, key_ids: Iterable[str] = ()) -> list[KeyStats]:
         return await self.call(UsageStore.key_stats, tuple(key_ids))

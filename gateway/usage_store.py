@@ -184,6 +184,16 @@ class PeriodUsage(TypedDict):
     cost: float
 
 
+class DailyKeyModelUsage(TypedDict):
+    date: str  # UTC day, "YYYY-MM-DD"
+    key_id: str
+    model: str
+    requests: int
+    errors: int
+    total_tokens: int
+    cost: float
+
+
 class KeyStats(TypedDict):
     key_id: str
     created: float | None  # managed keys only
@@ -573,6 +583,29 @@ class UsageStore:
             "period_end": end.isoformat(),
             "keys": list(keys.values()),
         }
+
+    def daily_usage(
+        self, start: date, end: date, key_id: str | None = None, model: str | None = None
+    ) -> list[DailyKeyModelUsage]:
+        """One row per (day, key, model) with any request from `start` to `end` inclusive,
+        oldest day first: the series the dashboard's charts are drawn from."""
+        where, args = _filters(key_id, start, end, model)
+        return [
+            {
+                "date": day,
+                "key_id": kid,
+                "model": m,
+                "requests": requests,
+                "errors": errors,
+                "total_tokens": tokens,
+                "cost": _money(cost),
+            }
+            for day, kid, m, requests, errors, tokens, cost in self.conn.execute(
+                "SELECT day, key_id, model, requests, errors, prompt_tokens + completion_tokens,"
+                f" cost_nano FROM usage_daily WHERE {where} ORDER BY day, key_id, model",
+                args,
+            )
+        ]
 
     def key_stats(self, key_ids: Iterable[str] = ()) -> list[KeyStats]:
         """Per key: created, first and last use, all-time totals and today's (UTC) usage.
