@@ -61,13 +61,13 @@ def series(
     return ordered
 
 
-def _nice_step(top: float, ticks: int = 4) -> float:
+def _nice_step(top: float, whole: bool, ticks: int = 4) -> float:
+    """A round step (1, 2, 2.5 or 5 times a power of ten) giving about `ticks` gridlines;
+    at least 1 for counts (`whole`), which have no fractions to show."""
     raw = top / ticks
     magnitude = 10.0 ** math.floor(math.log10(raw))
-    for m in (1, 2, 2.5, 5, 10):
-        if m * magnitude >= raw:
-            return m * magnitude
-    return 10 * magnitude
+    step = next((m * magnitude for m in (1, 2, 2.5, 5) if m * magnitude >= raw), 10 * magnitude)
+    return max(step, 1.0) if whole else step
 
 
 def _day_label(day: str) -> str:
@@ -86,7 +86,8 @@ def bar_chart(
     """Stacked daily columns with a y axis, date labels and (for several series) a legend."""
     totals = [sum(v[i] for _, v in data) for i in range(len(days))]
     peak = max(totals, default=0.0)
-    step = _nice_step(peak) if peak > 0 else 1.0
+    whole = all(float(v).is_integer() for _, values in data for v in values)
+    step = _nice_step(peak, whole) if peak > 0 else 1.0
     top = step * max(1, math.ceil(peak / step - 1e-9))
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     slot = plot_w / max(len(days), 1)

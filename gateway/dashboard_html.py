@@ -73,7 +73,10 @@ def money(x: float) -> str:
 
 def money_tick(x: float) -> str:
     """Money on a chart's axis: "$0.004", not "$0.0040"."""
-    text = money(x)
+    if x == 0:
+        return "$0"
+    # enough decimals that neighbouring ticks ($0.00005 and $0.0001) never read the same
+    text = f"${x:,.2f}" if abs(x) >= 1 else f"${x:.6f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 

@@ -34,7 +34,7 @@ from .dashboard_html import (
 )
 
 GRACE_CHOICES = (
-    (0, "none: the old key stops at once"),
+    (0, "none: it stops at once"),
     (3600, "1 hour"),
     (86_400, "1 day"),
     (7 * 86_400, "7 days"),
@@ -466,10 +466,10 @@ def _key_manage(csrf: str, key: KeyInfo) -> Safe:
         )
         parts.append(
             render(
-                '<form method="post" action="{action}" class="inline-form" id="rotate-key">'
-                '{csrf}<label for="grace">Rotate: old secret valid for</label>'
-                '<select id="grace" name="grace_seconds">{options}</select>'
-                '<button type="submit" class="btn">Rotate</button></form>',
+                '<form method="post" action="{action}" class="rotate-form" id="rotate-key">'
+                '{csrf}<label for="grace">Rotate: a new secret; the old one keeps working'
+                ' for</label><div class="row"><select id="grace" name="grace_seconds">{options}'
+                '</select><button type="submit" class="btn">Rotate</button></div></form>',
                 action=key_url(key["id"], "rotate"),
                 csrf=csrf_field(csrf),
                 options=options,
@@ -484,7 +484,8 @@ def _key_manage(csrf: str, key: KeyInfo) -> Safe:
         )
     parts.append(
         render(
-            '<p><a class="btn danger" href="{h}">Revoke this key…</a></p>',
+            '<div class="revoke-row"><span class="muted">Revoke: refused at once, for good.'
+            '</span><a class="btn danger" href="{h}">Revoke this key…</a></div>',
             h=key_url(key["id"], "revoke"),
         )
     )

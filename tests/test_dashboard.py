@@ -204,6 +204,7 @@ async def test_the_dashboard_in_chromium(make_gateway: MakeGateway, browser: Any
 
     # rotate with no grace: the new secret works, the old one no longer does
     await page.click("a.key-link:text-is('browser-app')")
+    await shot("key-manage")
     await page.select_option("#grace", "0")
     await page.click("#rotate-key button[type=submit]")
     await page.wait_for_selector("#new-key")
@@ -217,6 +218,7 @@ async def test_the_dashboard_in_chromium(make_gateway: MakeGateway, browser: Any
     # revoke, with a confirmation; then the key is refused
     await page.click("text=Revoke this key")
     assert "cannot be undone" in await page.inner_text(".confirm")
+    await shot("revoke-confirm")
     await page.click("#confirm-revoke")
     await page.wait_for_url(gateway.url + "/dashboard/keys")
     assert "Key browser-app revoked" in await page.inner_text(".notice.ok")
