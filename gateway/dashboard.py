@@ -3,8 +3,8 @@ and the key lifecycle, server-rendered by the gateway itself (no build step, no 
 
 Without ``[admin] key_hash`` there is no dashboard: every path under it answers 404.
 
-Routes (all under ``/dashboard``): ``GET /login``, ``POST /login``, ``POST /logout``; ``GET ``
-(overview), ``GET /keys``, ``POST /keys`` (create), ``GET /keys/{id}``, ``GET /keys/{id}/revoke``
+Routes (all under ``/dashboard``): ``GET /login``, ``POST /login``, ``POST /logout``; ``GET`` itself
+(the overview), ``GET /keys``, ``POST /keys`` (create), ``GET /keys/{id}``, ``GET /keys/{id}/revoke``
 (the confirmation), ``POST /keys/{id}/revoke``, ``POST /keys/{id}/rotate``, ``GET /usage?days=``;
 ``GET /live.json`` (in-flight requests and breakers, polled by ``dashboard.js``); ``GET
 /static/{file}`` (CSS, JS, icon; no session needed).
@@ -16,9 +16,14 @@ over https), and the session ends after 12 hours, at logout, at a restart, or wh
 changes the admin key. Wrong keys are answered with the login page and a plain message; after
 a few from one address, further attempts from it wait (doubling, up to a minute).
 
-CSRF: GET never changes anything. Every POST must carry the session's CSRF token in a hidden
+CSRF: GET never changes anything (it only uses up a one-shot message meant for that page). Every POST must carry the session's CSRF token in a hidden
 ``csrf`` field, and its ``Origin`` (or, without one, its ``Referer``) must name this host;
 otherwise 403. Login, which has no session yet, is checked by origin only.
+
+Modules: this one holds the routes, guards and handlers; ``dashboard_session`` the sessions
+and login backoff; ``dashboard_html`` the escaping template helper and page frame;
+``dashboard_pages`` and ``dashboard_keys`` the pages; ``dashboard_charts`` the SVG charts;
+``dashboard_static/`` the CSS, JS and icon. Key changes go through ``admin``'s shared functions.
 
 Pages send a strict Content-Security-Policy (only this origin's CSS and JS, no inline script or
 style), ``Cache-Control: no-store`` and ``X-Frame-Options: DENY``. Usage figures come from the
@@ -31,7 +36,7 @@ import functools
 import hmac
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -46,20 +51,17 @@ from .admin import (
 )
 from .auth import hash_key
 from .dashboard_charts import GroupBy, Metric, days_between, series
-from .dashboard_html import Safe
+from .dashboard_html import Safe, key_url
+from .dashboard_keys import KeyForm, key_page, keys_page, revoke_page
 from .dashboard_pages import (
     RANGES,
     Frame,
-    KeyForm,
     Live,
     LiveRequest,
     Totals,
-    key_page,
-    keys_page,
     login_page,
     message_page,
     overview_page,
-    revoke_page,
     usage_page,
 )
 from .dashboard_session import LoginThrottle, Session, Sessions
@@ -232,13 +234,14 @@ async def logout(request: web.Request) -> web.Response:
 # --- pages --------------------------------------------------------------------------------------
 
 
-def _period(days: int) -> tuple[list[str], datetime]:
-    today = datetime.now(UTC)
-    return days_between((today - timedelta(days=days - 1)).date(), today.date()), today
+def _period(days: int) -> list[str]:
+    """The last `days` UTC days, today included."""
+    today = datetime.now(UTC).date()
+    return days_between(today - timedelta(days=days - 1), today)
 
 
 async def _rows(state: GatewayState, days: list[str], **kw: str) -> list[DailyKeyModelUsage]:
-    start, end = datetime.fromisoformat(days[0]).date(), datetime.fromisoformat(days[-1]).date()
+    start, end = date.fromisoformat(days[0]), date.fromisoformat(days[-1])
     return await state.usage.daily_usage(start, end, **kw)
 
 
@@ -265,7 +268,7 @@ def _order(rows: list[DailyKeyModelUsage], by: GroupBy) -> list[str]:
 
 async def overview(request: web.Request) -> web.Response:
     state, session = _viewer(request)
-    days, _ = _period(OVERVIEW_DAYS)
+    days = _period(OVERVIEW_DAYS)
     rows = await _rows(state, days)
     keys = await client_keys(state)
     page = overview_page(
@@ -296,7 +299,7 @@ async def _key(state: GatewayState, key_id: str) -> KeyInfo:
 async def key_detail(request: web.Request) -> web.Response:
     state, session = _viewer(request)
     key = await _key(state, request.match_info["key_id"])
-    days, _ = _period(OVERVIEW_DAYS)
+    days = _period(OVERVIEW_DAYS)
     rows = await _rows(state, days, key_id=key["id"])
     page = key_page(
         _frame(session),
@@ -316,7 +319,7 @@ async def usage_view(request: web.Request) -> web.Response:
         n = int(request.query.get("days", OVERVIEW_DAYS))
     except ValueError:
         n = OVERVIEW_DAYS
-    days, _ = _period(n if n in RANGES else OVERVIEW_DAYS)
+    days = _period(n if n in RANGES else OVERVIEW_DAYS)
     rows = await _rows(state, days)
     metrics: tuple[tuple[str, Metric], ...] = (
         ("requests", "requests"),
@@ -422,7 +425,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     state, session, form = await _change(request)
     key_id = request.match_info["key_id"]
     if form.get("confirm") != "yes":
-        raise web.HTTPSeeOther(f"/dashboard/keys/{key_id}/revoke")
+        raise web.HTTPSeeOther(key_url(key_id, "revoke"))
     try:
         await revoke_client_key(state, key_id, "dashboard")
     except GatewayError as e:
@@ -443,7 +446,7 @@ async def rotate_key(request: web.Request) -> web.Response:
         session.issued = await rotate_client_key(state, key_id, grace)
     except GatewayError as e:
         session.notices.append(("error", e.message))
-    raise web.HTTPSeeOther(f"/dashboard/keys/{key_id}#issued")
+    raise web.HTTPSeeOther(key_url(key_id) + "#issued")
 
 
 # --- static files and routes --------------------------------------------------------------------
