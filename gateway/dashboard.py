@@ -3,11 +3,11 @@ and the key lifecycle, server-rendered by the gateway itself (no build step, no 
 
 Without ``[admin] key_hash`` there is no dashboard: every path under it answers 404.
 
-Routes (all under ``/dashboard``): ``GET /login``, ``POST /login``, ``POST /logout``; ``GET`` itself
-(the overview), ``GET /keys``, ``POST /keys`` (create), ``GET /keys/{id}``, ``GET /keys/{id}/revoke``
-(the confirmation), ``POST /keys/{id}/revoke``, ``POST /keys/{id}/rotate``, ``GET /usage?days=``;
-``GET /live.json`` (in-flight requests and breakers, polled by ``dashboard.js``); ``GET
-/static/{file}`` (CSS, JS, icon; no session needed).
+Routes (all under ``/dashboard``): ``GET /login``, ``POST /login``, ``POST /logout``;
+``GET`` itself (the overview), ``GET /keys``, ``POST /keys`` (create), ``GET /keys/{id}``,
+``GET /keys/{id}/revoke`` (the confirmation), ``POST /keys/{id}/revoke``,
+``POST /keys/{id}/rotate``, ``GET /usage?days=``; ``GET /live.json`` (in-flight requests and
+breakers, polled by ``dashboard.js``); ``GET /static/{file}`` (CSS, JS, icon; no session).
 
 Login and session: the login form posts the admin key; it is compared by hash and never stored,
 echoed or put in a cookie. Success opens a server-side session (``dashboard_session``): the
@@ -16,9 +16,10 @@ over https), and the session ends after 12 hours, at logout, at a restart, or wh
 changes the admin key. Wrong keys are answered with the login page and a plain message; after
 a few from one address, further attempts from it wait (doubling, up to a minute).
 
-CSRF: GET never changes anything (it only uses up a one-shot message meant for that page). Every POST must carry the session's CSRF token in a hidden
-``csrf`` field, and its ``Origin`` (or, without one, its ``Referer``) must name this host;
-otherwise 403. Login, which has no session yet, is checked by origin only.
+CSRF: GET never changes anything (it only uses up a one-shot message meant for that page).
+Every POST must carry the session's CSRF token in a hidden ``csrf`` field, and its ``Origin``
+(or, without one, its ``Referer``) must name this host; otherwise 403. Login, which has no
+session yet, is checked by origin only.
 
 Modules: this one holds the routes, guards and handlers; ``dashboard_session`` the sessions
 and login backoff; ``dashboard_html`` the escaping template helper and page frame;
