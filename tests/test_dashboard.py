@@ -16,8 +16,10 @@ import openai
 import pytest
 
 from gateway.auth import hash_key, new_key
+from gateway.dashboard_charts import PALETTE_SIZE, bar_chart, series
 from gateway.dashboard_session import FREE_FAILURES, LoginThrottle, Sessions
 from gateway.usage import UsageRecord
+from gateway.usage_store import DailyKeyModelUsage
 
 from .conftest import CLIENT_KEY, Gateway, MakeGateway
 
@@ -472,3 +474,33 @@ def test_login_backoff_doubles_and_forgets_after_success() -> None:
     throttle.succeeded("1.2.3.4")
     throttle.failed("1.2.3.4")
     assert throttle.wait("1.2.3.4") == 0
+
+
+async def test_the_cookie_is_secure_over_https(visitor: Visitor) -> None:
+    _, _, resp = await visitor.request(
+        "POST", "/dashboard/login", {"key": ADMIN}, X_Forwarded_Proto="https"
+    )
+    assert "Secure" in resp.headers["Set-Cookie"]
+
+
+def test_charts_group_small_series_and_escape_names() -> None:
+    days = ["2025-03-14", "2025-03-15"]
+    rows: list[DailyKeyModelUsage] = [
+        {"date": days[i % 2], "key_id": f"k{i}", "model": "m", "requests": 10 - i, "errors": 0,
+         "total_tokens": 100, "cost": 0.5}
+        for i in range(9)
+    ]  # fmt: skip
+    rows.append(
+        {"date": days[1], "key_id": "<script>", "model": "m", "requests": 20, "errors": 0,
+         "total_tokens": 1, "cost": 0.0}
+    )  # fmt: skip
+    data = series(rows, days, "key_id", "requests", order=["k8"])
+    # the given order first, then the largest
+    assert [name for name, _ in data][:3] == ["k8", "<script>", "k0"]
+    assert data[-1][0] == "3 others" and len(data) == PALETTE_SIZE
+    assert sum(sum(v) for _, v in data) == sum(r["requests"] for r in rows)
+    svg = bar_chart("requests", days, series(rows, days, "key_id", "requests"), unit="requests")
+    assert "<script>" not in svg and "&lt;script&gt;" in svg
+    assert f'data-date="{days[1]}" data-total="{sum(10 - i for i in range(1, 9, 2)) + 20}"' in svg
+    empty = bar_chart("requests", days, [], unit="requests")
+    assert "No requests in this period" in empty
