@@ -3,13 +3,16 @@ breaker states. Guarded by the admin key whose hash is ``[admin] key_hash``; wit
 admin API does not exist (404).
 
 Changes made here reach the running key store at once (and other processes through the
-database, which they poll).
+database, which they poll). The key lifecycle itself (``client_keys``, ``add_client_key``,
+``revoke_client_key``, ``rotate_client_key``) is shared with the dashboard.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypedDict
 
 import orjson
 from aiohttp import web
@@ -19,7 +22,7 @@ from .errors import InvalidAPIKey, InvalidRequest, NotFound
 from .exchange import EXCHANGE
 from .handlers import parse_period
 from .runtime import STATE, GatewayState
-from .usage_store import KeyConflict, UnknownKey
+from .usage_store import KeyConflict, PeriodUsage, UnknownKey
 
 MAX_GRACE = 30 * 86400
 
@@ -64,13 +67,88 @@ async def usage(request: web.Request) -> web.Response:
 
 async def list_keys(request: web.Request) -> web.Response:
     state = admin_state(request)
+    return _json({"object": "list", "data": await client_keys(state)})
+
+
+async def create_key(request: web.Request) -> web.Response:
+    state = admin_state(request)
+    body = await _body(request)
+    key_id = body.get("id")
+    if not isinstance(key_id, str) or not key_id:
+        raise InvalidRequest("'id' is required: a name for the key.", param="id")
+    models = body.get("models", ["*"])
+    tier = body.get("tier")
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise InvalidRequest("'models' must be an array of model ids or patterns.", param="models")
+    if tier is not None and not isinstance(tier, str):
+        raise InvalidRequest(f"No tier '{tier}' in the config.", param="tier")
+    issued = await add_client_key(state, key_id, models, tier, str(body.get("description", "")))
+    # the only time the key is ever shown
+    return _json({"id": issued.id, "key": issued.key, "models": models, "tier": tier}, status=201)
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    state = admin_state(request)
+    key_id = request.match_info["key_id"]
+    revoked_at = await revoke_client_key(state, key_id, "admin API")
+    return _json({"id": key_id, "revoked": True, "revoked_at": revoked_at})
+
+
+async def rotate_key(request: web.Request) -> web.Response:
+    state = admin_state(request)
+    key_id = request.match_info["key_id"]
+    body = await _body(request) if request.can_read_body else {}
+    grace = body.get("grace_seconds", 3600)
+    if not isinstance(grace, int | float) or isinstance(grace, bool):
+        raise InvalidRequest(
+            f"'grace_seconds' must be a number from 0 to {MAX_GRACE}.", param="grace_seconds"
+        )
+    issued = await rotate_client_key(state, key_id, float(grace))
+    return _json(
+        {"id": issued.id, "key": issued.key, "old_key_valid_until": issued.old_key_valid_until}
+    )
+
+
+# --- the key lifecycle, shared with the dashboard --------------------------------------------
+
+
+class KeyInfo(TypedDict):
+    """One client key as the admin API lists it and the dashboard shows it."""
+
+    id: str
+    source: str  # "managed" (database) or "config" (TOML)
+    description: str
+    models: list[str]
+    tier: str | None
+    revoked: bool
+    created: float | None
+    expires: float | None
+    last_used: float | None
+    requests: int
+    total_tokens: int
+    cost: float
+    today: PeriodUsage
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    """A key just created or rotated: the secret is in memory only until it is shown once."""
+
+    id: str
+    key: str
+    tier: str | None = None
+    old_key_valid_until: float | None = None  # rotations only
+
+
+async def client_keys(state: GatewayState) -> list[KeyInfo]:
+    """Every key, from the config and the database, with its tier, status and usage."""
     config = state.config
     managed = {k.id: k for k in await state.usage.list_keys()}
     revoked = await state.usage.revoked_ids()
     principals = {p.key_id: p for p in state.runtime.keys.principals()}
     stats = {s["key_id"]: s for s in await state.usage.key_stats([k.id for k in config.keys])}
     configured = {k.id: k for k in config.keys}
-    keys = []
+    keys: list[KeyInfo] = []
     for key_id in sorted(configured.keys() | managed.keys()):
         m = managed.get(key_id)
         source = m or configured[key_id]
@@ -93,58 +171,47 @@ async def list_keys(request: web.Request) -> web.Response:
                 "today": s["today"] if s else {"requests": 0, "total_tokens": 0, "cost": 0.0},
             }
         )
-    return _json({"object": "list", "data": keys})
+    return keys
 
 
-async def create_key(request: web.Request) -> web.Response:
-    state = admin_state(request)
-    body = await _body(request)
-    key_id = body.get("id")
-    if not isinstance(key_id, str) or not key_id:
-        raise InvalidRequest("'id' is required: a name for the key.", param="id")
+async def add_client_key(
+    state: GatewayState,
+    key_id: str,
+    models: Sequence[str] = ("*",),
+    tier: str | None = None,
+    description: str = "",
+) -> IssuedKey:
+    """Create a managed key and make the running gateway accept it at once."""
     if any(k.id == key_id for k in state.config.keys):
         raise InvalidRequest(f"Key id '{key_id}' is defined in the config file.", param="id")
-    models = body.get("models", ["*"])
-    tier = body.get("tier")
-    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
-        raise InvalidRequest("'models' must be an array of model ids or patterns.", param="models")
     if tier is not None and tier not in state.config.tiers:
         raise InvalidRequest(f"No tier '{tier}' in the config.", param="tier")
     key = new_key()
     try:
         record = await state.usage.add_key(
-            key_id,
-            hash_key(key),
-            description=str(body.get("description", "")),
-            models=models,
-            tier=tier,
+            key_id, hash_key(key), description=description, models=models, tier=tier
         )
     except KeyConflict as e:
         raise InvalidRequest(str(e), param="id", code="key_exists") from None
     except ValueError as e:
         raise InvalidRequest(str(e), param="id") from None
     await state.load_keys()
-    # the only time the key is ever shown
-    return _json({"id": record.id, "key": key, "models": models, "tier": tier}, status=201)
+    return IssuedKey(record.id, key, tier)
 
 
-async def revoke_key(request: web.Request) -> web.Response:
-    state = admin_state(request)
-    key_id = request.match_info["key_id"]
+async def revoke_client_key(state: GatewayState, key_id: str, reason: str) -> float:
+    """Revoke a key (managed or from the config) for good, at once. Returns when."""
     known = {k.id for k in state.config.keys} | {k.id for k in await state.usage.list_keys()}
     if key_id not in known:
         raise NotFound(f"No key '{key_id}'.", param="key_id", code="key_not_found")
-    revoked_at = await state.usage.revoke_key(key_id, "admin API")
+    revoked_at = await state.usage.revoke_key(key_id, reason)
     await state.load_keys()
-    return _json({"id": key_id, "revoked": True, "revoked_at": revoked_at})
+    return revoked_at
 
 
-async def rotate_key(request: web.Request) -> web.Response:
-    state = admin_state(request)
-    key_id = request.match_info["key_id"]
-    body = await _body(request) if request.can_read_body else {}
-    grace = body.get("grace_seconds", 3600)
-    if not isinstance(grace, int | float) or isinstance(grace, bool) or not 0 <= grace <= MAX_GRACE:
+async def rotate_client_key(state: GatewayState, key_id: str, grace: float) -> IssuedKey:
+    """Give a managed key a new secret; the old one keeps working for `grace` seconds."""
+    if not 0 <= grace <= MAX_GRACE:
         raise InvalidRequest(
             f"'grace_seconds' must be a number from 0 to {MAX_GRACE}.", param="grace_seconds"
         )
@@ -155,13 +222,13 @@ async def rotate_key(request: web.Request) -> web.Response:
         )
     key = new_key()
     try:
-        record = await state.usage.rotate_key(key_id, hash_key(key), float(grace))
+        record = await state.usage.rotate_key(key_id, hash_key(key), grace)
     except UnknownKey:
         raise NotFound(
             f"No managed key '{key_id}'.", param="key_id", code="key_not_found"
         ) from None
     await state.load_keys()
-    return _json({"id": record.id, "key": key, "old_key_valid_until": time.time() + grace})
+    return IssuedKey(record.id, key, record.tier, time.time() + grace)
 
 
 async def breakers(request: web.Request) -> web.Response:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from . import admin, handlers, ops
+from . import admin, dashboard, handlers, ops
 from .accesslog import ACCESS_LOG, AccessLog, access_log_ctx
 from .config import Config
 from .errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
@@ -67,6 +67,7 @@ def build(config: Config, *, access_log: AccessLog | None = None) -> web.Applica
         app.router.add_get(f"{prefix}/usage", handlers.usage, allow_head=False)
     app.router.add_post("/api/v1/chat", handlers.chat_completions)
     admin.add_routes(app)
+    dashboard.add_routes(app)
     ops.add_routes(app)
     return app
 

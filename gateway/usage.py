@@ -31,6 +31,7 @@ from .usage_types import (
     DAY,
     NANO,
     AdminUsage,
+    DailyKeyModelUsage,
     KeyStats,
     KeyTotals,
     ManagedKey,
@@ -46,6 +47,7 @@ from .usage_types import (
 
 __all__ = [
     "AdminUsage",
+    "DailyKeyModelUsage",
     "KeyStats",
     "KeyTotals",
     "ManagedKey",
@@ -239,6 +241,11 @@ class UsageRecorder:
         self, start: date, end: date, key_id: str | None = None, model: str | None = None
     ) -> AdminUsage:
         return await self.backend.admin_usage(start, end, key_id, model)
+
+    async def daily_usage(
+        self, start: date, end: date, key_id: str | None = None, model: str | None = None
+    ) -> list[DailyKeyModelUsage]:
+        return await self.backend.daily_usage(start, end, key_id, model)
 
     async def key_stats(self, key_ids: Iterable[str] = ()) -> list[KeyStats]:
         return await self.backend.key_stats(tuple(key_ids))

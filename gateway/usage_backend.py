@@ -26,6 +26,7 @@ from .config import StorageConfig
 from .usage_store import UsageStore
 from .usage_types import (
     AdminUsage,
+    DailyKeyModelUsage,
     KeyStats,
     KeyTotals,
     ManagedKey,
@@ -70,6 +71,10 @@ class UsageBackend(Protocol):
     async def admin_usage(
         self, start: date, end: date, key_id: str | None = None, model: str | None = None
     ) -> AdminUsage: ...
+
+    async def daily_usage(
+        self, start: date, end: date, key_id: str | None = None, model: str | None = None
+    ) -> list[DailyKeyModelUsage]: ...
 
     async def key_stats(self, key_ids: Iterable[str] = ()) -> list[KeyStats]: ...
 
@@ -198,6 +203,11 @@ class SqliteBackend:
         self, start: date, end: date, key_id: str | None = None, model: str | None = None
     ) -> AdminUsage:
         return await self.call(UsageStore.admin_usage, start, end, key_id, model)
+
+    async def daily_usage(
+        self, start: date, end: date, key_id: str | None = None, model: str | None = None
+    ) -> list[DailyKeyModelUsage]:
+        return await self.call(UsageStore.daily_usage, start, end, key_id, model)
 
     async def key_stats(self, key_ids: Iterable[str] = ()) -> list[KeyStats]:
         return await self.call(UsageStore.key_stats, tuple(key_ids))

@@ -34,6 +34,7 @@ from asyncpg.pool import PoolConnectionProxy
 from .usage_types import (
     NANO,
     AdminUsage,
+    DailyKeyModelUsage,
     KeyConflict,
     KeyStats,
     KeyTotals,
@@ -52,6 +53,7 @@ from .usage_types import (
     build_summary,
     check_hash,
     check_key_id,
+    daily_row,
     day_boundary,
     is_valid_record,
     restored_counters,
@@ -466,6 +468,20 @@ class PostgresUsageStore:
             *args,
         )
         return build_admin_usage(start, end, ((r[0], r[1], tuple(r[2:])) for r in rows))
+
+    async def daily_usage(
+        self, start: date, end: date, key_id: str | None = None, model: str | None = None
+    ) -> list[DailyKeyModelUsage]:
+        """One row per (day, key, model) with any request from `start` to `end` inclusive,
+        oldest day first: the series the dashboard's charts are drawn from."""
+        where, args = _filters(key_id, start, end, model)
+        rows = await self._pool.fetch(
+            "SELECT day, key_id, model, requests, errors, prompt_tokens + completion_tokens,"
+            f" cost_nano FROM usage_daily WHERE {where}"
+            f" ORDER BY day, key_id {_C}, model {_C}",
+            *args,
+        )
+        return [daily_row(r[0].isoformat(), *r[1:]) for r in rows]
 
     async def key_stats(self, key_ids: Iterable[str] = ()) -> list[KeyStats]:
         """Per key: created, first and last use, all-time totals and today's (UTC) usage.

@@ -38,6 +38,7 @@ from .usage_types import (
     DAY,
     NANO,
     AdminUsage,
+    DailyKeyModelUsage,
     DailyUsage,
     KeyConflict,
     KeyStats,
@@ -60,6 +61,7 @@ from .usage_types import (
     build_summary,
     check_hash,
     check_key_id,
+    daily_row,
     day_boundary,
     day_start,
     default_period,
@@ -75,6 +77,7 @@ __all__ = [
     "NANO",
     "SCHEMA_VERSION",
     "AdminUsage",
+    "DailyKeyModelUsage",
     "DailyUsage",
     "KeyConflict",
     "KeyStats",
@@ -394,6 +397,21 @@ class UsageStore:
             args,
         )
         return build_admin_usage(start, end, ((r[0], r[1], r[2:]) for r in rows))
+
+    def daily_usage(
+        self, start: date, end: date, key_id: str | None = None, model: str | None = None
+    ) -> list[DailyKeyModelUsage]:
+        """One row per (day, key, model) with any request from `start` to `end` inclusive,
+        oldest day first: the series the dashboard's charts are drawn from."""
+        where, args = _filters(key_id, start, end, model)
+        return [
+            daily_row(*row)
+            for row in self.conn.execute(
+                "SELECT day, key_id, model, requests, errors, prompt_tokens + completion_tokens,"
+                f" cost_nano FROM usage_daily WHERE {where} ORDER BY day, key_id, model",
+                args,
+            )
+        ]
 
     def key_stats(self, key_ids: Iterable[str] = ()) -> list[KeyStats]:
         """Per key: created, first and last use, all-time totals and today's (UTC) usage.

@@ -163,6 +163,16 @@ class PeriodUsage(TypedDict):
     cost: float
 
 
+class DailyKeyModelUsage(TypedDict):
+    date: str  # UTC day, "YYYY-MM-DD"
+    key_id: str
+    model: str
+    requests: int
+    errors: int
+    total_tokens: int
+    cost: float
+
+
 class KeyStats(TypedDict):
     key_id: str
     created: float | None  # managed keys only
@@ -288,6 +298,21 @@ def build_summary(
         "period_end": end.isoformat(),
         "breakdown": breakdown,
         "daily": daily,
+    }
+
+
+def daily_row(
+    day: str, key_id: str, model: str, requests: int, errors: int, tokens: int, cost_nano: int
+) -> DailyKeyModelUsage:
+    """One (day, key, model) row of the dashboard's series, from its usage_daily columns."""
+    return {
+        "date": day,
+        "key_id": key_id,
+        "model": model,
+        "requests": requests,
+        "errors": errors,
+        "total_tokens": tokens,
+        "cost": money(cost_nano),
     }
 
 

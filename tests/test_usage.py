@@ -594,6 +594,29 @@ def test_admin_usage_lists_keys_with_filters(store: UsageStore) -> None:
     assert [k["key_id"] for k in one["keys"]] == ["k1"]
 
 
+def test_daily_usage_is_one_row_per_day_key_and_model(store: UsageStore) -> None:
+    store.write_batch(
+        [
+            rec(n=1, key="k1", model="a", cost=0.5),
+            rec(n=2, key="k1", model="a", cost=0.25, status=500, outcome="upstream_error"),
+            rec(n=3, key="k2", model="b", cost=1.0),
+            rec(NOW - 86_400 * 2, 4, key="k1", model="a", cost=8.0),
+            rec(NOW - 86_400 * 40, 5, key="k1", model="a"),  # before the period
+        ]
+    )
+    rows = store.daily_usage(date(2025, 3, 1), TODAY)
+    assert [(r["date"], r["key_id"], r["model"], r["requests"], r["errors"]) for r in rows] == [
+        ("2025-03-13", "k1", "a", 1, 0),
+        ("2025-03-15", "k1", "a", 2, 1),
+        ("2025-03-15", "k2", "b", 1, 0),
+    ]
+    assert [(r["total_tokens"], r["cost"]) for r in rows] == [(15, 8.0), (30, 0.75), (15, 1.0)]
+    assert [r["date"] for r in store.daily_usage(date(2025, 3, 1), TODAY, key_id="k2")] == [
+        "2025-03-15"
+    ]
+    assert store.daily_usage(TODAY, TODAY, model="zzz") == []
+
+
 def test_key_stats(store: UsageStore) -> None:
     store.add_key("managed", hash_key(new_key()))
     store.write_batch(

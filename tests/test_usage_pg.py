@@ -629,6 +629,7 @@ async def test_every_query_answers_as_the_sqlite_store_does(
         )
         for args in ((start, end), (date(2025, 3, 1), TODAY, "k2"), (start, end, None, "plain")):
             assert await store.admin_usage(*args) == lite.admin_usage(*args)  # type: ignore[arg-type]
+            assert await store.daily_usage(*args) == lite.daily_usage(*args)  # type: ignore[arg-type]
         assert await store.key_stats(["config-key"]) == lite.key_stats(["config-key"])
         today, month = day_start(TODAY), day_start(date(2025, 3, 1))
         for since in (0.0, month, today, today + 5400, NOW - 3 * 86_400 + 1234.5):
