@@ -17,6 +17,7 @@ from aiohttp import web
 
 from .config import Config
 from .runtime import STATE
+from .usage_types import UsageStoreError
 
 log = logging.getLogger("gateway")
 
@@ -101,7 +102,12 @@ async def _serve(
         shutdown_timeout=s.shutdown_timeout,
         keepalive_timeout=s.keepalive_timeout,
     )
-    await runner.setup()
+    try:
+        await runner.setup()  # opens the usage database, the metrics listener, Redis
+    except (OSError, UsageStoreError) as e:
+        log.error("cannot start: %s", e)
+        await runner.cleanup()
+        raise SystemExit(1) from None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     state = app[STATE]

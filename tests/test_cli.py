@@ -121,3 +121,27 @@ def test_serve_refuses_a_broken_config(tmp_path: Path) -> None:
     result = run("--config", str(broken))
     assert result.returncode == 1
     assert "providers[0] (x): missing required key 'kind'" in result.stderr
+
+
+def test_serve_says_in_one_line_why_it_cannot_start(tmp_path: Path) -> None:
+    example = (ROOT / "config.example.toml").read_text()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        busy = run("--config", "config.example.toml", "--port", port)
+    assert busy.returncode == 1
+    assert "address already in use" in busy.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in busy.stderr
+
+    unreachable = tmp_path / "pg.toml"
+    unreachable.write_text(
+        example.replace(
+            "[storage]\n", '[storage]\nurl = "postgresql://gw:secret-pw@127.0.0.1:1/usage"\n', 1
+        )
+    )
+    nodb = run("--config", str(unreachable), "--port", str(free_port()))
+    assert nodb.returncode == 1
+    last = nodb.stderr.strip().splitlines()[-1]
+    assert "cannot start: cannot open postgresql://gw:***@127.0.0.1:1/usage" in last
+    assert "Traceback" not in nodb.stderr and "secret-pw" not in nodb.stderr
