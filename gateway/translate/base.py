@@ -12,7 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
-from ..errors import GatewayError
+import orjson
+
+from ..errors import GatewayError, UpstreamError
 from .sse import Event
 
 if TYPE_CHECKING:
@@ -101,6 +103,25 @@ def translate_events(events: list[Event], convert: Callable[[Event], bytes]) -> 
         except GatewayError as e:
             raise StreamInterrupted(b"".join(out), e) from e
     return b"".join(out)
+
+
+def json_or_none(raw: bytes) -> object:
+    """`raw` parsed, or None when it is not JSON (an upstream's error body may be anything)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def load_object(raw: bytes, provider: str) -> JSONObject:
+    """An upstream's response body or event, which must be a JSON object."""
+    obj = json_or_none(raw)
+    if not isinstance(obj, dict):
+        raise UpstreamError(
+            f"provider '{provider}' sent a response that is not a JSON object",
+            code="upstream_invalid_response",
+        )
+    return obj
 
 
 TranslatorFactory = Callable[["Deployment", str], Translator]

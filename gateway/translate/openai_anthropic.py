@@ -25,7 +25,7 @@ from ..schema.anthropic import (
 )
 from . import _openai_request as req
 from ._openai_chat import ChunkWriter, Message, completion, wants_usage
-from .base import UpstreamCall, Usage, register, translate_events
+from .base import UpstreamCall, Usage, json_or_none, load_object, register, translate_events
 from .sse import Event, SSEParser
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ class OpenAIToAnthropicChat:
     # --- whole response --------------------------------------------------------------------
 
     def response_body(self, raw: bytes) -> bytes:
-        msg = _load(raw, self.provider)
+        msg = load_object(raw, self.provider)
         message = Message()
         for block in msg.get("content") or []:
             kind = block.get("type")
@@ -175,7 +175,7 @@ class OpenAIToAnthropicChat:
     def _event(self, event: Event) -> bytes:
         if event.event == "ping":
             return b""
-        obj = _load(event.data, self.provider)
+        obj = load_object(event.data, self.provider)
         kind = obj.get("type")
         w = self._writer
         if kind == "content_block_delta":
@@ -222,24 +222,8 @@ class OpenAIToAnthropicChat:
         return b""  # content_block_stop, and event types added after this was written
 
     def response_error(self, status: int, raw: bytes, headers: Mapping[str, str]) -> GatewayError:
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            obj = None
+        obj = json_or_none(raw)
         return _error(status, obj if isinstance(obj, dict) else {}, headers, self.provider)
-
-
-def _load(raw: bytes, provider: str) -> JSONObject:
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        obj = None
-    if not isinstance(obj, dict):
-        raise UpstreamError(
-            f"provider '{provider}' sent a response that is not a JSON object",
-            code="upstream_invalid_response",
-        )
-    return obj
 
 
 def _take_usage(usage: Usage, reported: object) -> None:

@@ -24,7 +24,7 @@ from ..schema.gemini import Content, GenerateContentRequest, Part, ToolConfig
 from ..tokens import count_tokens
 from . import _openai_request as req
 from ._openai_chat import ChunkWriter, Message, completion, wants_usage
-from .base import UpstreamCall, Usage, register, translate_events
+from .base import UpstreamCall, Usage, json_or_none, load_object, register, translate_events
 from .sse import Event, SSEParser
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ class OpenAIToGeminiChat:
     # --- whole response --------------------------------------------------------------------
 
     def response_body(self, raw: bytes) -> bytes:
-        obj = _load(raw, self.provider)
+        obj = load_object(raw, self.provider)
         if "error" in obj:
             raise _error(None, obj, {}, self.provider)
         response_id = _response_id(obj)
@@ -191,7 +191,7 @@ class OpenAIToGeminiChat:
         return out + self._writer.end(self.usage)
 
     def _event(self, event: Event) -> bytes:
-        obj = _load(event.data, self.provider)
+        obj = load_object(event.data, self.provider)
         if "error" in obj:
             raise _error(None, obj, {}, self.provider)
         w = self._writer
@@ -234,10 +234,7 @@ class OpenAIToGeminiChat:
         return b"".join(out)
 
     def response_error(self, status: int, raw: bytes, headers: Mapping[str, str]) -> GatewayError:
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            obj = None
+        obj = json_or_none(raw)
         if isinstance(obj, list) and obj and isinstance(obj[0], dict):
             obj = obj[0]  # some Google front ends wrap the status in a list
         return _error(status, obj if isinstance(obj, dict) else {}, headers, self.provider)
@@ -283,7 +280,7 @@ class OpenAIToGeminiEmbeddings:
         return UpstreamCall(path, orjson.dumps({"requests": requests}), False)
 
     def response_body(self, raw: bytes) -> bytes:
-        obj = _load(raw, self.provider)
+        obj = load_object(raw, self.provider)
         data = []
         for i, item in enumerate(obj.get("embeddings") or []):
             values = item.get("values") or [] if isinstance(item, dict) else []
@@ -311,27 +308,11 @@ class OpenAIToGeminiEmbeddings:
         return b""
 
     def response_error(self, status: int, raw: bytes, headers: Mapping[str, str]) -> GatewayError:
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            obj = None
+        obj = json_or_none(raw)
         return _error(status, obj if isinstance(obj, dict) else {}, headers, self.provider)
 
 
 # --- response pieces ---------------------------------------------------------------------------
-
-
-def _load(raw: bytes, provider: str) -> JSONObject:
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        obj = None
-    if not isinstance(obj, dict):
-        raise UpstreamError(
-            f"provider '{provider}' sent a response that is not a JSON object",
-            code="upstream_invalid_response",
-        )
-    return obj
 
 
 def _parts(candidate: JSONObject) -> list[JSONObject]:

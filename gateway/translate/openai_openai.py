@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from ..errors import GatewayError, UpstreamError, from_upstream
-from .base import UpstreamCall, Usage, register, translate_events
+from .base import UpstreamCall, Usage, json_or_none, load_object, register, translate_events
 from .sse import DONE, Event, SSEParser, encode
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class _PassThrough:
         return UpstreamCall(self.path, orjson.dumps(body), False)
 
     def response_body(self, raw: bytes) -> bytes:
-        obj = _load_object(raw, self.provider)
+        obj = load_object(raw, self.provider)
         take_openai_usage(self.usage, obj.get("usage"))
         obj["model"] = self.requested
         return orjson.dumps(obj)
@@ -96,7 +96,7 @@ class OpenAIChat(_PassThrough):
         if data == b"[DONE]":
             self.complete = True
             return DONE
-        obj = _load_object(data, self.provider)
+        obj = load_object(data, self.provider)
         if "error" in obj:  # an upstream error event: the stream is over
             raise openai_error(500, data, {}, self.provider)
         for choice in obj.get("choices") or ():
@@ -145,19 +145,6 @@ class OpenAISpeech(_PassThrough):
         return UpstreamCall(self.path, orjson.dumps(body), True)
 
 
-def _load_object(raw: bytes, provider: str) -> JSONObject:
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        obj = None
-    if not isinstance(obj, dict):
-        raise UpstreamError(
-            f"provider '{provider}' sent a response that is not a JSON object",
-            code="upstream_invalid_response",
-        )
-    return obj
-
-
 def take_openai_usage(usage: Usage, reported: object) -> None:
     """Copy an OpenAI ``CompletionUsage`` (or embeddings usage) into `usage`."""
     if not isinstance(reported, dict):
@@ -182,10 +169,7 @@ def openai_error(
 ) -> GatewayError:
     """An OpenAI-format error body (``{"error": {...}}``) from an upstream, as our error."""
     message, type_, code, param = "", None, None, None
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        obj = None
+    obj = json_or_none(raw)
     err = obj.get("error") if isinstance(obj, dict) else None
     if isinstance(err, dict):
         m = err.get("message")
