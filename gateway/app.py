@@ -76,10 +76,13 @@ def build(config: Config, *, access_log: AccessLog | None = None) -> web.Applica
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id and runtime, every error as OpenAI's envelope, then usage and access log."""
     if request.path in QUIET_PATHS:  # health checks and scrapes: no accounting, no log line
+        started = time.perf_counter()
         try:
-            return await handler(request)
+            quiet = await handler(request)
         except GatewayError as e:
-            return error_response(e)
+            quiet = error_response(e)
+        quiet.headers["Server-Timing"] = f"gateway;dur={(time.perf_counter() - started) * 1000:.2f}"
+        return quiet
     state = request.app[STATE]
     rt = state.runtime
     rt.enter()

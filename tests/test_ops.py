@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -53,6 +54,9 @@ def value(all_samples: dict[Any, float], name: str, **labels: str) -> float:
 
 async def test_health_and_readiness(make_gateway: MakeGateway) -> None:
     gateway = await make_gateway()
+    for path in ("/healthz", "/readyz", "/metrics"):  # quiet, but timed like every response
+        async with aiohttp.ClientSession() as session, session.get(gateway.url + path) as resp:
+            assert re.fullmatch(r"gateway;dur=\d+\.\d\d", resp.headers["Server-Timing"]), path
     status, body = await get(gateway.url + "/healthz")
     assert (status, orjson.loads(body)) == (200, {"status": "ok", "pid": os.getpid()})
     status, body = await get(gateway.url + "/readyz")
