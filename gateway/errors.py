@@ -136,7 +136,7 @@ class ServiceUnavailable(GatewayError):
 class UpstreamTimeout(GatewayError):
     status = 504
     type = "server_error"
-    code = "timeout"
+    code = "upstream_timeout"
     retryable = True
 
 

@@ -21,6 +21,7 @@ from . import validate
 from .auth import Principal
 from .catalog import model_list, model_object
 from .errors import (
+    Forbidden,
     GatewayError,
     InvalidRequest,
     ModelNotFound,
@@ -89,6 +90,8 @@ async def retrieve_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     found = model_object(rt.router, principal, name)
     if found is None:
+        if name in rt.router.models or name in rt.router.aliases:
+            raise Forbidden(f"This API key may not use the model '{name}'.", param="model")
         raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
     return json_response(found)
 
@@ -107,7 +110,8 @@ async def forward(
     """Try the route's deployments in order until one answers; stream or return its answer."""
     exchange = request[EXCHANGE]
     exchange.model = route.requested
-    exchange.stream = body.get("stream") is True or endpoint == "speech"
+    # only chat streams on request; speech always does; a stray "stream" elsewhere means nothing
+    exchange.stream = endpoint == "speech" or (endpoint == "chat" and body.get("stream") is True)
     if exchange.stream:
         metrics = request.app[STATE].metrics
         metrics.in_flight_streams += 1

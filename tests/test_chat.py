@@ -195,6 +195,18 @@ async def test_embeddings_sync_sdk(gateway: Gateway) -> None:
     assert gateway.fake.requests[-1].body["model"] == "text-embedding-3-small"
 
 
+async def test_a_stray_stream_flag_on_embeddings_changes_nothing(gateway: Gateway) -> None:
+    """Only chat streams on request: elsewhere the answer is still patched and counted.
+    (OpenAI itself refuses the field; the demo provider, like many local servers, ignores it.)"""
+    result = await gateway.aclient().embeddings.create(
+        model="demo/embed", input="hello world", extra_body={"stream": True}
+    )
+    assert result.model == "demo/embed"
+    record = (await gateway.records())[-1]
+    assert (record.endpoint, record.stream) == ("embeddings", False)
+    assert record.prompt_tokens == result.usage.prompt_tokens > 0
+
+
 async def test_images_sdk(gateway: Gateway) -> None:
     result = await gateway.aclient().images.generate(model="openai/gpt-image-1", prompt="a cat")
     assert result.data is not None

@@ -87,6 +87,7 @@ async def test_unknown_model_is_404_naming_it(gateway: Gateway) -> None:
         await gateway.aclient().chat.completions.create(
             model="openai/gpt-9-ultra", messages=MESSAGES
         )  # type: ignore[arg-type]
+    assert (caught.value.status_code, caught.value.type) == (404, "invalid_request_error")
     assert caught.value.code == "model_not_found"
     assert "openai/gpt-9-ultra" in caught.value.message
     assert caught.value.param == "model"
@@ -246,7 +247,13 @@ async def test_upstream_429_is_429_with_retry_after(gateway: Gateway) -> None:
 
 @pytest.mark.parametrize(
     ("upstream", "status", "code"),
-    [(500, 502, "upstream_error"), (503, 503, "service_unavailable"), (418, 400, None)],
+    [
+        (500, 502, "upstream_error"),
+        (502, 502, "upstream_error"),
+        (503, 503, "service_unavailable"),
+        (504, 504, "upstream_timeout"),
+        (418, 400, None),
+    ],
 )
 async def test_upstream_server_errors(
     gateway: Gateway, upstream: int, status: int, code: str | None

@@ -115,11 +115,14 @@ async def test_retrieve_model(gateway: Gateway) -> None:
     model = await gateway.aclient().models.retrieve("openai/gpt-4o")
     assert model.id == "openai/gpt-4o"
     assert model.owned_by == "openai"
-    with pytest.raises(openai.NotFoundError) as caught:
+    # a model the key may not use is forbidden (as a request to it is), an unknown one is not found
+    with pytest.raises(openai.PermissionDeniedError) as forbidden:
         await gateway.aclient(key=DEMO_ONLY_KEY).models.retrieve("openai/gpt-4o")
-    assert caught.value.code == "model_not_found"
-    with pytest.raises(openai.NotFoundError):
+    assert (forbidden.value.status_code, forbidden.value.code) == (403, "forbidden")
+    with pytest.raises(openai.NotFoundError) as caught:
         await gateway.aclient().models.retrieve("nope/nothing")
+    assert (caught.value.status_code, caught.value.code) == (404, "model_not_found")
+    assert "nope/nothing" in caught.value.message
 
 
 async def test_models_need_a_key(gateway: Gateway) -> None:
