@@ -99,6 +99,7 @@ class GatewayState:
         self.started_at = time.time()
         self.reloads = 0
         self._keys_generation = -1
+        self._next_key_change: float | None = None  # when a grace or an expiry ends next
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -165,6 +166,7 @@ class GatewayState:
         """Read managed keys, revocations and earned tiers, and rebuild the key store."""
         usage = self.usage
         self._keys_generation = await usage.keys_generation()
+        self._next_key_change = await usage.next_key_change()
         self.records = KeyRecords(
             managed=await usage.valid_keys(),
             revoked=await usage.revoked_ids(),
@@ -197,16 +199,24 @@ class GatewayState:
                 self.limiter.restore_streak(state.key_id, streak)
 
     async def _watch_keys(self) -> None:
-        """Pick up keys created, rotated or revoked by another process (the CLI)."""
+        """Pick up keys created, rotated or revoked by another process (the CLI), and stop
+        accepting a rotated key's old secret, or an expiring key, the moment its time is up."""
         while True:
-            await asyncio.sleep(KEY_POLL_INTERVAL)
+            await asyncio.sleep(self._until_key_check())
             try:
-                generation = await self.usage.keys_generation()
-                change = await self.usage.next_key_change()
-                if generation != self._keys_generation or (change and change <= time.time()):
+                change = self._next_key_change
+                due = change is not None and change <= self.usage.clock()
+                if due or await self.usage.keys_generation() != self._keys_generation:
                     await self.load_keys()
             except Exception:
                 log.exception("could not read keys from the usage database")
+                await asyncio.sleep(KEY_POLL_INTERVAL)
+
+    def _until_key_check(self) -> float:
+        """Seconds to the next poll, or sooner to the next grace end or expiry."""
+        if self._next_key_change is None:
+            return KEY_POLL_INTERVAL
+        return min(KEY_POLL_INTERVAL, max(self._next_key_change - self.usage.clock(), 0.0))
 
     async def _daily_rollover(self) -> None:
         """At each daily reset: move keys up a tier where their record earns it."""

@@ -194,23 +194,35 @@ async def test_admin_api(make_gateway: MakeGateway, fakes: Fakes) -> None:
     assert status == 200 and breakers["deployments"]["priced/gpt-4o"] == "closed"
 
 
-async def test_rotation_keeps_the_old_secret_for_the_grace_period(
-    make_gateway: MakeGateway, fakes: Fakes
-) -> None:
-    gateway = await make_gateway(extra=priced(fakes))
+async def rotate_and_watch_the_grace_end(gateway: Gateway, grace: float) -> None:
+    """Rotate a key through the admin API with a short grace; the old secret works until the
+    grace ends and is refused within a second of it, without a restart or a manual reload."""
     _, created = await post(gateway, "/admin/keys", ADMIN_KEY, {"id": "rotating"})
     old = created["key"]
+    asked_at = time.time()
     status, rotated = await post(
-        gateway, "/admin/keys/rotating/rotate", ADMIN_KEY, {"grace_seconds": 1}
+        gateway, "/admin/keys/rotating/rotate", ADMIN_KEY, {"grace_seconds": grace}
     )
+    grace_end = time.time() + grace  # at the latest
     assert status == 200
     new = rotated["key"]
     assert (await get(gateway, "/v1/models", new))[0] == 200
     assert (await get(gateway, "/v1/models", old))[0] == 200  # still inside its grace
-    await asyncio.sleep(1.2)
-    await gateway.state.load_keys()  # what the key watcher does every few seconds
-    assert (await get(gateway, "/v1/models", old))[0] == 401
+    while (await get(gateway, "/v1/models", old))[0] == 200:
+        assert time.time() < grace_end + 1.0, "the old secret outlived its grace by over 1 s"
+        await asyncio.sleep(0.05)
+    refused_at = time.time()
+    status, answer = await get(gateway, "/v1/models", old)
+    assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+    assert refused_at >= asked_at + grace  # not before the grace was over
     assert (await get(gateway, "/v1/models", new))[0] == 200
+
+
+async def test_rotation_keeps_the_old_secret_for_the_grace_period(
+    make_gateway: MakeGateway, fakes: Fakes
+) -> None:
+    gateway = await make_gateway(extra=priced(fakes))
+    await rotate_and_watch_the_grace_end(gateway, grace=1.5)
     assert (await post(gateway, "/admin/keys/test/rotate", ADMIN_KEY))[0] == 400  # config key
 
 
@@ -282,13 +294,17 @@ async def test_cli_key_lifecycle_against_a_running_gateway(make_gateway: MakeGat
     assert "database" in line and "active" in line
     assert key not in listed.stdout and hash_key(key) not in listed.stdout
 
+    asked_at = time.time()
     rotated = await asyncio.to_thread(
-        cli, "keys", "rotate", "cli-app", "--config", config, "--grace", "0"
+        cli, "keys", "rotate", "cli-app", "--config", config, "--grace", "4"
     )
+    grace_end = time.time() + 4  # at the latest
     assert rotated.returncode == 0, rotated.stderr
     new = next(w for w in rotated.stdout.split() if w.startswith("gw-"))
     await eventually(new, 200)
+    assert await status_of(key) == 200  # the old secret is inside its grace...
     await eventually(key, 401)
+    assert asked_at + 4 <= time.time() <= grace_end + 1.0  # ...and refused as soon as it ends
 
     revoked = await asyncio.to_thread(cli, "keys", "revoke", "cli-app", "--config", config)
     assert revoked.returncode == 0

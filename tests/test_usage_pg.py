@@ -44,7 +44,7 @@ from gateway.usage_store import KeyConflict, UnknownKey, UsageStoreError, day_st
 
 from .conftest import CLIENT_KEY, DEMO_ONLY_KEY, Fakes, MakeGateway, gateway_toml
 from .test_usage import MODELS, NOW, TODAY, Clock, eventually, rec
-from .test_usage_http import ADMIN_KEY, MESSAGES, get, post, priced
+from .test_usage_http import ADMIN_KEY, MESSAGES, get, post, priced, rotate_and_watch_the_grace_end
 
 asyncpg = pytest.importorskip(
     "asyncpg", reason="asyncpg is not installed (pip install -e '.[test]' brings it)"
@@ -950,6 +950,14 @@ async def test_two_gateways_answer_for_the_whole_fleet(
     await post(two, "/admin/keys/fleet-app/revoke", ADMIN_KEY)
     await one.state.load_keys()
     assert (await get(one, "/v1/models", created["key"]))[0] == 401
+
+
+async def test_a_rotated_secret_is_refused_when_its_grace_ends(
+    make_gateway: MakeGateway, fakes: Fakes, pg_url: str, tmp_path: Path
+) -> None:
+    gateway = await make_gateway(toml=fleet_toml(fakes, pg_url, tmp_path))
+    assert isinstance(gateway.state.usage.backend, PostgresUsageStore)
+    await rotate_and_watch_the_grace_end(gateway, grace=1.5)
 
 
 async def test_the_cli_works_on_the_shared_database(
