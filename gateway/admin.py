@@ -23,8 +23,7 @@ from .exchange import EXCHANGE
 from .handlers import parse_period
 from .runtime import STATE, GatewayState
 from .usage_store import KeyConflict, PeriodUsage, UnknownKey
-
-MAX_GRACE = 30 * 86400
+from .usage_types import MAX_GRACE as MAX_GRACE  # (the dashboard imports it from here)
 
 
 def _json(obj: object, status: int = 200) -> web.Response:

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import config as config_module
 from .auth import hash_key, new_key
 from .usage_backend import UsageBackend, open_backend
-from .usage_types import KeyConflict, UnknownKey, UsageStoreError, default_period
+from .usage_types import MAX_GRACE, KeyConflict, UnknownKey, UsageStoreError, default_period
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -62,10 +62,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     rotate.add_argument("key_id", metavar="ID")
     rotate.add_argument(
         "--grace",
-        type=float,
+        type=_grace,
         default=3600.0,
         metavar="SECONDS",
-        help="how long the old secret keeps working (default: 3600)",
+        help=f"how long the old secret keeps working, 0 to {MAX_GRACE} (30 days; default: 3600)",
     )
     rotate.set_defaults(func=keys_rotate)
 
@@ -75,6 +75,19 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     usage.add_argument("--end", help="last day, YYYY-MM-DD (default: today)")
     usage.add_argument("--key", help="one key id only")
     usage.set_defaults(func=usage_table)
+
+
+def _grace(text: str) -> float:
+    """``--grace``: seconds from 0 to MAX_GRACE (argparse prints the message and exits 2)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_GRACE:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds from 0 to {MAX_GRACE} (30 days), got '{text[:40]}'"
+        )
+    return seconds
 
 
 def _config_option(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -267,28 +280,40 @@ def usage_table(ns: argparse.Namespace) -> int:
     config = _load(ns.config)
     if config is None:
         return 1
-    try:
-        default_start, default_end = default_period(time.time())
-        start = date.fromisoformat(ns.start) if ns.start else default_start
-        end = date.fromisoformat(ns.end) if ns.end else default_end
-    except ValueError as e:
-        print(f"gateway: {e}", file=sys.stderr)
+    default_start, default_end = default_period(time.time())
+    start = _day(ns.start, "--start", default_start)
+    end = _day(ns.end, "--end", default_end)
+    if start is None or end is None:
+        return 1
+    if start > end:
+        print(f"gateway: the period starts ({start}) after it ends ({end})", file=sys.stderr)
         return 1
     return _run(config, lambda store: _usage(store, start, end, ns.key))
+
+
+def _day(text: str | None, option: str, default: date) -> date | None:
+    if not text:
+        return default
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        print(f"gateway: {option} must be a date as YYYY-MM-DD, got '{text[:40]}'", file=sys.stderr)
+        return None
 
 
 async def _usage(store: UsageBackend, start: date, end: date, key_id: str | None) -> int:
     report = await store.admin_usage(start, end, key_id=key_id)
     print(f"Usage from {report['period_start']} to {report['period_end']} (UTC, days included)\n")
-    rows = [("KEY", "MODEL", "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "COST")]
+    header = ("KEY", "MODEL", "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "COST")
+    rows: list[tuple[str, ...]] = []
+    totals = [0, 0, 0, 0]  # requests, errors, prompt, completion
     for key in report["keys"]:
         for model, u in sorted(key["breakdown"].items()):
-            rows.append((key["key_id"], model, str(u["requests"]), str(u["errors"]),
-                         str(u["prompt_tokens"]), str(u["completion_tokens"]),
-                         f"{u['cost']:.6f}"))  # fmt: skip
-    rows.append(("TOTAL", "", str(report["total_requests"]), "", "", str(report["total_tokens"]),
-                 f"{report['total_cost']:.6f}"))  # fmt: skip
-    _print_table(rows)
+            counts = (u["requests"], u["errors"], u["prompt_tokens"], u["completion_tokens"])
+            totals = [t + c for t, c in zip(totals, counts, strict=True)]
+            rows.append((key["key_id"], model, *map(str, counts), f"{u['cost']:.6f}"))
+    rows.append(("TOTAL", "", *map(str, totals), f"{report['total_cost']:.6f}"))
+    _print_table([header, *rows])
     return 0
 
 

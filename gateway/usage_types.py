@@ -17,6 +17,8 @@ from typing import NamedTuple, TypedDict
 
 NANO = 1_000_000_000
 DAY = 86_400.0
+# The longest a rotated key's old secret may keep working (admin API, dashboard, CLI): 30 days.
+MAX_GRACE = 30 * 86_400
 
 
 class UsageStoreError(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -10,9 +11,11 @@ import sys
 import time
 import tomllib
 import urllib.request
+from decimal import Decimal
 from pathlib import Path
 
 from gateway.auth import hash_key
+from gateway.usage_store import UsageRecord, UsageStore
 
 ROOT = Path(__file__).parent.parent
 
@@ -145,3 +148,87 @@ def test_serve_says_in_one_line_why_it_cannot_start(tmp_path: Path) -> None:
     last = nodb.stderr.strip().splitlines()[-1]
     assert "cannot start: cannot open postgresql://gw:***@127.0.0.1:1/usage" in last
     assert "Traceback" not in nodb.stderr and "secret-pw" not in nodb.stderr
+
+
+def usage_config(tmp_path: Path) -> Path:
+    """A config whose usage database holds two keys' requests on two models, today."""
+    db = tmp_path / "usage.db"
+    now = time.time()
+    with UsageStore(str(db)) as store:
+        store.write_batch([
+            UsageRecord(now, "r1", "alpha", "", "chat", "openai/gpt-4o", prompt_tokens=1200,
+                        completion_tokens=345, cost=0.25),
+            UsageRecord(now, "r2", "alpha", "", "chat", "openai/gpt-4o", status=502,
+                        outcome="upstream_error", prompt_tokens=7),
+            UsageRecord(now, "r3", "alpha", "", "chat", "demo/echo", prompt_tokens=10,
+                        completion_tokens=20000, cost=0.125),
+            UsageRecord(now, "r4", "a-much-longer-key-id", "", "embeddings", "demo/embed",
+                        prompt_tokens=5, cost=0.000001),
+        ])  # fmt: skip
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[storage]\npath = "{db}"\n')
+    return config
+
+
+def test_usage_table_columns_and_total_add_up(tmp_path: Path) -> None:
+    result = run("usage", "--config", str(usage_config(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    lines = [ln for ln in result.stdout.splitlines()[1:] if ln.strip()]
+    header, *rows, total = lines
+    names = header.split()
+    assert names == ["KEY", "MODEL", "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "COST"]
+    starts = [header.index(n) for n in names]
+
+    def cells(line: str) -> list[str]:
+        # every cell starts at its header's column and ends before the next one
+        bounds = [*starts, None]
+        for s in starts[1:]:
+            assert line[s - 1 : s] in ("", " "), (line, s)
+        return [line[a:b].strip() for a, b in itertools.pairwise(bounds)]
+
+    table = [cells(r) for r in rows]
+    assert [r[:2] for r in table] == [
+        ["a-much-longer-key-id", "demo/embed"],
+        ["alpha", "demo/echo"],
+        ["alpha", "openai/gpt-4o"],
+    ]
+    last = cells(total)
+    assert last[:2] == ["TOTAL", ""]
+    for column in range(2, 6):  # requests, errors, prompt, completion
+        assert int(last[column]) == sum(int(r[column]) for r in table), names[column]
+    assert [int(c) for c in last[2:6]] == [4, 1, 1222, 20345]
+    assert Decimal(last[6]) == sum(Decimal(r[6]) for r in table) == Decimal("0.375001")
+
+
+def test_usage_refuses_a_period_that_ends_before_it_starts(tmp_path: Path) -> None:
+    config = str(usage_config(tmp_path))
+    backwards = run("usage", "--config", config, "--start", "2026-05-02", "--end", "2026-05-01")
+    assert backwards.returncode == 1 and backwards.stdout == ""
+    assert backwards.stderr.strip().splitlines() == [
+        "gateway: the period starts (2026-05-02) after it ends (2026-05-01)"
+    ]
+    not_a_day = run("usage", "--config", config, "--start", "last week")
+    assert not_a_day.returncode == 1 and not_a_day.stdout == ""
+    assert not_a_day.stderr.strip().splitlines() == [
+        "gateway: --start must be a date as YYYY-MM-DD, got 'last week'"
+    ]
+    one_day = run("usage", "--config", config, "--start", "2026-05-01", "--end", "2026-05-01")
+    assert one_day.returncode == 0 and "TOTAL" in one_day.stdout
+
+
+def test_rotate_refuses_a_negative_or_absurd_grace(tmp_path: Path) -> None:
+    config = str(usage_config(tmp_path))
+    with UsageStore(str(tmp_path / "usage.db")) as store:
+        store.add_key("app", hash_key("gw-old-secret"))
+    for grace in ("-5", "2592001", "1e12", "nan", "soon"):
+        result = run("keys", "rotate", "app", "--config", config, "--grace", grace)
+        assert result.returncode == 2, (grace, result.stdout)
+        assert "Traceback" not in result.stderr and "gw-" not in result.stdout
+        assert "from 0 to 2592000 (30 days)" in result.stderr.strip().splitlines()[-1]
+    with UsageStore(str(tmp_path / "usage.db")) as store:
+        assert store.get_key("app").hash == hash_key("gw-old-secret")  # type: ignore[union-attr]
+    helped = run("keys", "rotate", "--help")
+    assert "30 days" in helped.stdout
+    ok = run("keys", "rotate", "app", "--config", config, "--grace", "2592000")
+    assert ok.returncode == 0, ok.stderr
+    assert "gw-" in ok.stdout
