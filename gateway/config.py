@@ -174,7 +174,7 @@ class StorageConfig:
     # Connections each gateway process keeps to PostgreSQL (the writer uses one at a time).
     pool_size: int = 4
     # Usage records are written in batches at most this many seconds apart; a crash loses
-    # at most this much.
+    # at most this much (plus one batch write).
     flush_interval: float = 1.0
     # Raw usage records older than this are deleted (daily roll-ups are kept).
     retention_days: int = 90

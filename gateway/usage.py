@@ -1,11 +1,12 @@
 """Usage accounting on the request path: prices, and the write-behind recorder.
 
 ``UsageRecorder.record()`` appends the record to an in-memory deque and returns: no I/O, no
-lock, no exception. One asyncio task drains the deque at most ``flush_interval`` seconds apart
-(sooner when a batch fills) and hands each batch to the usage database (``usage_backend.py``),
-which writes the batch and its daily roll-ups in one transaction: by default a SQLite file on
-one dedicated worker thread, so that the event loop never touches SQLite; with
-``[storage] url`` a PostgreSQL database shared by a fleet of gateways, through an asyncpg pool.
+lock, no exception. One asyncio task drains the deque at most ``flush_interval`` seconds apart,
+however few records wait (sooner when a batch fills), and hands each batch to the usage
+database (``usage_backend.py``), which writes the batch and its daily roll-ups in one
+transaction: by default a SQLite file on one dedicated worker thread, so that the event loop
+never touches SQLite; with ``[storage] url`` a PostgreSQL database shared by a fleet of
+gateways, through an asyncpg pool.
 
 When the database cannot be written (locked, full, read-only, unreachable) the batch is kept
 and retried with backoff, and the fault is logged once per episode. Records beyond
@@ -320,10 +321,20 @@ class UsageRecorder:
     # --- the writer -----------------------------------------------------------------------
 
     async def _run(self) -> None:
+        # Flushes start at most flush_interval apart, counted from the start of the previous
+        # one (when it took the queue), so that a record waits at most flush_interval and then
+        # one batch write: the bound on what a crash can lose. A backoff after a fault counts
+        # from the failed write's end, so that a slow failure (busy_timeout) does not eat it.
+        loop = asyncio.get_running_loop()
+        taken_at = loop.time()
         while not self._closed:
-            await self._sleep()
+            if self._failures:
+                await self._sleep(loop.time() + self._backoff())
+            else:
+                await self._sleep(taken_at + self.config.flush_interval)
             if self._closed:
                 break
+            taken_at = loop.time()
             try:
                 await self._write_pending()
                 await self._prune_step()
@@ -331,10 +342,10 @@ class UsageRecorder:
                 log.exception("usage: writer error")
             self._note_overflow()
 
-    async def _sleep(self) -> None:
-        """Until the flush interval (or backoff) ends, a batch fills, or close() is called."""
+    async def _sleep(self, deadline: float) -> None:
+        """Until `deadline` (loop time: the flush interval or backoff), a batch fills, or
+        close() is called."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._backoff()
         while not self._closed:
             remaining = deadline - loop.time()
             if remaining <= 0:

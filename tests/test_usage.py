@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -33,6 +33,7 @@ from gateway.usage import (
     cost_of,
     default_period,
 )
+from gateway.usage_backend import SqliteBackend
 from gateway.usage_store import SCHEMA_VERSION, KeyConflict, UnknownKey, day_start
 
 ROOT = Path(__file__).parent.parent
@@ -210,6 +211,38 @@ async def test_the_writer_flushes_on_its_own_within_the_interval(
 
     await eventually(written)
     assert raw_count(r.config.path) == 3
+
+
+async def test_a_record_waits_at_most_the_interval_and_one_write(
+    make_recorder: MakeRecorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush cadence counts from the start of the previous flush, not its end: with slow
+    writes, a trickle of records is still on disk within flush_interval plus one write."""
+    interval, write = 0.5, 0.4
+    real_write = SqliteBackend.write_batch
+
+    async def slow_write(self: SqliteBackend, records: Sequence[UsageRecord]) -> int:
+        await asyncio.sleep(write)
+        return await real_write(self, records)
+
+    monkeypatch.setattr(SqliteBackend, "write_batch", slow_write)
+    r = await make_recorder(flush_interval=interval)
+    recorded: list[float] = []
+    waited: list[float] = []
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while loop.time() - start < 3.0 or len(waited) < len(recorded):
+        if loop.time() - start < 3.0 and len(recorded) < 60:
+            r.record(rec(n=len(recorded)))
+            recorded.append(loop.time())
+        while len(waited) < r.written:  # records are written in order
+            waited.append(loop.time() - recorded[len(waited)])
+        assert loop.time() - start < 10, "the writer fell behind"
+        await asyncio.sleep(0.01)
+    assert len(waited) == len(recorded) == 60
+    # the bound is interval + write = 0.9 s; writing an interval after the previous write
+    # ended would give interval + 2 x write = 1.3 s
+    assert max(waited) < interval + write + 0.2, max(waited)
 
 
 async def test_a_full_batch_is_written_before_the_interval_ends(

@@ -371,3 +371,73 @@ hash = "{hash_key(key)}"
     assert written >= settled, (written, settled, len(acknowledged))
     assert written <= len(acknowledged)
     json.dumps({"acknowledged": len(acknowledged), "written": written})
+
+
+async def test_a_record_outlives_a_kill_9_one_flush_interval_later(tmp_path: Path) -> None:
+    """With the default flush interval (1 s): a request, SIGKILL 1.5 s later, a restart; the
+    record is in the database and in /v1/usage, cost included."""
+    db = tmp_path / "crash.db"
+    key = new_key()
+    config = tmp_path / "gateway.toml"
+    config.write_text(f"""
+[storage]
+path = "{db}"
+
+[[providers]]
+name = "demo"
+kind = "demo"
+models = [{{ id = "echo", price_in = 1000.0, price_out = 2000.0 }}]
+
+[[keys]]
+id = "survivor"
+hash = "{hash_key(key)}"
+""")
+    flush_interval = 1.0  # the default: the config above does not set it
+    gw = GatewayProcess(config)
+    await gw.start()
+    try:
+        client = openai.AsyncOpenAI(base_url=gw.url, api_key=key, max_retries=0)
+        answer = await client.chat.completions.create(model="demo/echo", messages=MESSAGES)
+        await client.close()
+        assert answer.usage is not None
+        await asyncio.sleep(flush_interval + 0.5)
+        assert gw.proc is not None
+        os.kill(gw.proc.pid, signal.SIGKILL)
+    finally:
+        code, _ = await gw.stop()
+    assert code == -signal.SIGKILL
+
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        rows = conn.execute(
+            "SELECT key_id, model, prompt_tokens, completion_tokens, cost_nano FROM usage"
+        ).fetchall()
+    expected_cost = (
+        answer.usage.prompt_tokens * 1000 + answer.usage.completion_tokens * 2000
+    ) / 1e6
+    assert rows == [
+        (
+            "survivor",
+            "demo/echo",
+            answer.usage.prompt_tokens,
+            answer.usage.completion_tokens,
+            round(expected_cost * 1e9),
+        )
+    ]
+
+    again = GatewayProcess(config)
+    await again.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(again.url + "/usage", headers={"Authorization": f"Bearer {key}"}) as resp,
+        ):
+            assert resp.status == 200
+            usage = await resp.json()
+        again.signal(signal.SIGTERM)
+    finally:
+        code, stderr = await again.stop()
+    assert code == 0, stderr
+    assert usage["total_requests"] == 1
+    assert usage["breakdown"]["demo/echo"]["requests"] == 1
+    assert usage["total_cost"] == pytest.approx(expected_cost, abs=1e-9) and expected_cost > 0
