@@ -126,8 +126,12 @@ def _account(request: web.Request, exchange: Exchange, state: GatewayState) -> N
     ttft_ms = (exchange.first_byte_at - exchange.started) * 1000 if exchange.first_byte_at else None
     usage = exchange.usage
     deployment = exchange.deployment
-    if not usage.reported and usage.streamed_chars and deployment is not None:
-        # a stream that ended early never got the upstream's count: estimate what was used
+    if (
+        usage.streamed_chars
+        and deployment is not None
+        and (not usage.reported or exchange.outcome != "ok")
+    ):
+        # a stream that ended early never got the upstream's final count: estimate
         usage.prompt_tokens = usage.prompt_tokens or exchange.prompt_estimate
         usage.completion_tokens = usage.estimate_output()
     cost = cost_of(deployment.model, usage) if deployment is not None else 0.0

@@ -16,11 +16,12 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 from gateway.auth import hash_key, new_key
 
 from .conftest import CLIENT_KEY, Fakes, Gateway, MakeGateway, gateway_toml
-from .fakes.base import UPSTREAM_KEY
+from .fakes.base import UPSTREAM_KEY, fixture_bytes, sse_events
 from .test_lifecycle import GatewayProcess
 
 ROOT = Path(__file__).parent.parent
@@ -441,3 +442,81 @@ hash = "{hash_key(key)}"
     assert usage["total_requests"] == 1
     assert usage["breakdown"]["demo/echo"]["requests"] == 1
     assert usage["total_cost"] == pytest.approx(expected_cost, abs=1e-9) and expected_cost > 0
+
+
+# (provider's fake, model, $ per million in / out, recording, events that open the stream,
+# the content event repeated until the client goes away, the text that event carries)
+CUT_STREAMS = [
+    ("openai", "openai/gpt-4o", 2.5, 10.0, "openai/chat-stream-text.sse", 1, 2, " unable"),
+    ("anthropic", "anthropic/claude-haiku", 1.0, 5.0, "anthropic/stream-text-basic.sse", 3, 4,
+     " there"),
+    ("gemini", "google/gemini-flash", 0.1, 0.4,
+     "gemini/firebase_googleai_streaming-success-basic-reply-short.sse", 1, 1,
+     " capital of Wyoming"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fake", "model", "price_in", "price_out", "fixture", "opening", "repeated", "text"),
+    CUT_STREAMS,
+    ids=[c[0] for c in CUT_STREAMS],
+)
+async def test_a_stream_the_client_cuts_is_billed_for_what_was_streamed(
+    gateway: Gateway,
+    fake: str,
+    model: str,
+    price_in: float,
+    price_out: float,
+    fixture: str,
+    opening: int,
+    repeated: int,
+    text: str,
+) -> None:
+    """No provider sends its final count before the end: the completion tokens are estimated
+    from the text streamed so far (at least 1 per 4 characters; Anthropic's message_start and
+    Gemini's early chunks carry partial counts that must not win), and billed."""
+    recorded = sse_events(fixture_bytes(fixture))
+    upstream_chars = 0
+
+    async def endless(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
+        nonlocal upstream_chars
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in recorded[:opening]:
+            await response.write(event)
+        for _ in range(2_000):
+            await response.write(recorded[repeated])
+            upstream_chars += len(text)
+            await asyncio.sleep(0.01)
+        raise AssertionError("the gateway never hung up")
+
+    getattr(gateway.fakes, fake).next_behaviour(endless)
+    received = ""
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(
+            gateway.base_url + "/chat/completions",
+            json={"model": model, "messages": MESSAGES, "stream": True},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        )
+        assert resp.status == 200
+        while len(received) < 40 * len(text):
+            line = await resp.content.readline()
+            if line.startswith(b"data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    received += choice["delta"].get("content") or ""
+        resp.close()  # the client goes away mid-stream
+
+    for _ in range(100):
+        records = [r for r in await gateway.records() if r.endpoint == "chat"]
+        if records:
+            break
+        await asyncio.sleep(0.05)
+    [record] = records
+    assert (record.status, record.outcome, record.stream) == (499, "client_closed", True)
+    assert record.prompt_tokens > 0
+    # what the client got, at least, and no more than what the upstream sent (+1: Gemini's
+    # opening event carries text too)
+    assert len(received) // 4 <= record.completion_tokens <= (upstream_chars + 3) // 4 + 1
+    expected = (record.prompt_tokens * price_in + record.completion_tokens * price_out) / 1e6
+    assert record.cost == pytest.approx(expected, abs=1e-9)
+    assert record.cost > 0

@@ -51,9 +51,9 @@ class Usage:
     streamed_chars: int = 0
 
     def estimate_output(self) -> int:
-        """Output tokens: the upstream's count if it gave one, else an estimate."""
-        if self.reported and self.completion_tokens:
-            return self.completion_tokens
+        """Output tokens so far: the upstream's count, or one per 4 characters streamed if
+        that is more (a count sent mid-stream, as in Anthropic's message_start or Gemini's
+        early chunks, is partial)."""
         return max(self.completion_tokens, (self.streamed_chars + 3) // 4)
 
     @property
