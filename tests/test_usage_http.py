@@ -10,6 +10,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,12 @@ import pytest
 from aiohttp import web
 
 from gateway.auth import hash_key, new_key
+from gateway.usage_types import NANO
 
 from .conftest import CLIENT_KEY, Fakes, Gateway, MakeGateway, gateway_toml
+from .fakes.anthropic_upstream import snapshot
 from .fakes.base import UPSTREAM_KEY, fixture_bytes, sse_events
+from .fakes.openai_upstream import recorded_completions
 from .test_lifecycle import GatewayProcess
 
 ROOT = Path(__file__).parent.parent
@@ -520,3 +525,125 @@ async def test_a_stream_the_client_cuts_is_billed_for_what_was_streamed(
     expected = (record.prompt_tokens * price_in + record.completion_tokens * price_out) / 1e6
     assert record.cost == pytest.approx(expected, abs=1e-9)
     assert record.cost > 0
+
+
+def cache_priced(fakes: Fakes) -> str:
+    """One model per provider kind at the same prices, cache reads and writes priced apart."""
+    prices = "price_in = 3.0, price_out = 15.0, price_cache_read = 0.3, price_cache_write = 3.75"
+    return "".join(
+        f"""
+[[providers]]
+name = "cache-{kind}"
+kind = "{kind}"
+base_url = "{fakes.urls[fake]}/{version}"
+api_key = "{UPSTREAM_KEY}"
+models = [{{ id = "m", upstream = "{upstream}", {prices} }}]
+"""
+        for kind, fake, version, upstream in (
+            ("openai", "openai", "v1", "gpt-4o-2024-08-06"),
+            ("anthropic", "anthropic", "v1", "claude-haiku-4-5"),
+            ("gemini", "gemini", "v1beta", "gemini-2.5-flash"),
+        )
+    )
+
+
+def openai_with_cache() -> dict[str, Any]:
+    body = recorded_completions()[0]
+    body["usage"] = {
+        "prompt_tokens": 12_000,
+        "completion_tokens": 2_000,
+        "total_tokens": 14_000,
+        "prompt_tokens_details": {"cached_tokens": 10_000, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 1_500, "audio_tokens": 0},
+    }
+    return body
+
+
+def anthropic_with_cache() -> dict[str, Any]:
+    body: dict[str, Any] = snapshot("sdk-http_nonstream-tool-use-roundtrip.json")[0]["response"][
+        "body"
+    ]
+    body["usage"].update(
+        {
+            "input_tokens": 597,
+            "cache_read_input_tokens": 20_000,
+            "cache_creation_input_tokens": 4_000,
+        }
+    )
+    return body
+
+
+def gemini_with_cache() -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(
+        fixture_bytes("gemini/firebase_googleai_unary-success-thinking-function-call.json")
+    )
+    # recorded: promptTokenCount 38, candidatesTokenCount 8, thoughtsTokenCount 501
+    body["usageMetadata"].update({"promptTokenCount": 9_000, "cachedContentTokenCount": 8_000})
+    return body
+
+
+# (provider, the recorded answer with cache fields set, then what the record must hold:
+# prompt (all input), completion (reasoning included), cache reads, cache writes, reasoning,
+# and the cost at 3.00 in / 0.30 cache read / 3.75 cache write / 15.00 out per million)
+CACHE_CASES = [
+    # 2,000 uncached x 3 + 10,000 read x 0.3 + 2,000 out x 15 = 39,000 micro
+    ("openai", openai_with_cache, 12_000, 2_000, 10_000, 0, 1_500, "0.039"),
+    # 597 uncached x 3 + 20,000 read x 0.3 + 4,000 written x 3.75 + 71 out x 15 = 23,856 micro
+    ("anthropic", anthropic_with_cache, 24_597, 71, 20_000, 4_000, 0, "0.023856"),
+    # 1,000 uncached x 3 + 8,000 read x 0.3 + (8 + 501 thoughts) out x 15 = 13,035 micro
+    ("gemini", gemini_with_cache, 9_000, 509, 8_000, 0, 501, "0.013035"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "answer", "prompt", "completion", "cached", "cache_write", "reasoning", "cost"),
+    CACHE_CASES,
+    ids=[c[0] for c in CACHE_CASES],
+)
+async def test_cache_and_reasoning_tokens_of_every_provider_are_recorded_and_priced(
+    make_gateway: MakeGateway,
+    fakes: Fakes,
+    kind: str,
+    answer: Callable[[], dict[str, Any]],
+    prompt: int,
+    completion: int,
+    cached: int,
+    cache_write: int,
+    reasoning: int,
+    cost: str,
+) -> None:
+    gateway = await make_gateway(extra=cache_priced(fakes))
+    getattr(fakes, kind).next_json(200, answer())
+    await gateway.aclient().chat.completions.create(model=f"cache-{kind}/m", messages=MESSAGES)
+
+    [record] = [r for r in await gateway.records() if r.endpoint == "chat"]
+    assert (record.status, record.provider, record.model) == (
+        200,
+        f"cache-{kind}",
+        f"cache-{kind}/m",
+    )
+    assert (
+        record.prompt_tokens,
+        record.completion_tokens,
+        record.cached_tokens,
+        record.cache_write_tokens,
+        record.reasoning_tokens,
+    ) == (prompt, completion, cached, cache_write, reasoning)
+    assert Decimal(str(record.cost)) == Decimal(cost)
+    path = gateway.state.config.storage.path
+    with sqlite3.connect(path) as conn:
+        row = conn.execute(
+            "SELECT cached_tokens, cache_write_tokens, reasoning_tokens, cost_nano FROM usage"
+            " WHERE endpoint = 'chat'"
+        ).fetchone()
+    assert row == (cached, cache_write, reasoning, int(Decimal(cost) * NANO))
+
+    status, usage = await get(gateway, "/v1/usage", CLIENT_KEY)
+    assert status == 200
+    model = usage["breakdown"][f"cache-{kind}/m"]
+    assert (model["cached_tokens"], model["cache_write_tokens"], model["reasoning_tokens"]) == (
+        cached,
+        cache_write,
+        reasoning,
+    )
+    assert Decimal(str(model["cost"])) == Decimal(cost)
