@@ -647,3 +647,78 @@ async def test_cache_and_reasoning_tokens_of_every_provider_are_recorded_and_pri
         reasoning,
     )
     assert Decimal(str(model["cost"])) == Decimal(cost)
+
+
+def edited_stream(fixture: str, *edits: tuple[str, str]) -> list[bytes]:
+    raw = fixture_bytes(fixture)
+    for old, new in edits:
+        assert old.encode() in raw, old
+        raw = raw.replace(old.encode(), new.encode())
+    return sse_events(raw)
+
+
+# the same, streamed: the counts come in the final chunk (OpenAI), in message_start and
+# message_delta (Anthropic), or in every chunk (Gemini)
+STREAMED_CACHE_CASES = [
+    (
+        "openai",
+        "openai/chat-stream-include-usage-text-after-tool.sse",
+        [
+            ('"prompt_tokens":78,"completion_tokens":9,"total_tokens":87', '"prompt_tokens":12000,"completion_tokens":2000,"total_tokens":14000'),
+            ('"cached_tokens":0', '"cached_tokens":10000'),
+            ('"reasoning_tokens":0', '"reasoning_tokens":1500'),
+        ],
+        (12_000, 2_000, 10_000, 0, 1_500),
+        "0.039",
+    ),
+    (
+        # 11 uncached x 3 + 20,000 x 0.3 + 4,000 x 3.75 + 6 out x 15 = 21,123 micro
+        "anthropic",
+        "anthropic/stream-text-basic.sse",
+        [('"input_tokens":11,', '"input_tokens":11,"cache_creation_input_tokens":4000,"cache_read_input_tokens":20000,')],
+        (24_011, 6, 20_000, 4_000, 0),
+        "0.021123",
+    ),
+    (
+        # 8 uncached x 3 + 10 x 0.3 + (80 + 35 thoughts) out x 15 = 1,752 micro
+        "gemini",
+        "gemini/stream-text-usage-mid-stream.sse",
+        [('"promptTokenCount": 18,', '"promptTokenCount": 18,"cachedContentTokenCount": 10,')],
+        (18, 115, 10, 0, 35),
+        "0.001752",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kind", "fixture", "edits", "tokens", "cost"),
+    STREAMED_CACHE_CASES,
+    ids=[c[0] for c in STREAMED_CACHE_CASES],
+)
+async def test_cache_and_reasoning_tokens_of_streams_are_recorded_and_priced(
+    make_gateway: MakeGateway,
+    fakes: Fakes,
+    kind: str,
+    fixture: str,
+    edits: list[tuple[str, str]],
+    tokens: tuple[int, int, int, int, int],
+    cost: str,
+) -> None:
+    gateway = await make_gateway(extra=cache_priced(fakes))
+    getattr(fakes, kind).next_stream(events=edited_stream(fixture, *edits))
+    stream = await gateway.aclient().chat.completions.create(
+        model=f"cache-{kind}/m", messages=MESSAGES, stream=True
+    )
+    async for _ in stream:
+        pass
+
+    [record] = [r for r in await gateway.records() if r.endpoint == "chat"]
+    assert (record.status, record.outcome, record.stream) == (200, "ok", True)
+    assert (
+        record.prompt_tokens,
+        record.completion_tokens,
+        record.cached_tokens,
+        record.cache_write_tokens,
+        record.reasoning_tokens,
+    ) == tokens
+    assert Decimal(str(record.cost)) == Decimal(cost)
