@@ -36,6 +36,7 @@ class Exchange:
         "refused",
         "request_id",
         "runtime",
+        "served",
         "started",
         "status",
         "stream",
@@ -57,6 +58,7 @@ class Exchange:
         self.key_id = ""
         self.model = ""  # as the client asked for it
         self.deployment: Deployment | None = None  # the one that served, or was tried last
+        self.served: Deployment | None = None  # the one that answered, once it has
         self.status = 0
         self.usage = Usage()
         self.error_code: str | None = None

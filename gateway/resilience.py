@@ -7,10 +7,13 @@ probe request is let through (half-open): success closes it, failure opens it ag
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Literal, TypeVar
 
 T = TypeVar("T")
@@ -123,12 +126,19 @@ def weighted_order(
     return out
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta seconds; HTTP dates are not worth the wait)."""
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta seconds, or an HTTP date (RFC 9110
+    section 10.2.3) counted from `now` (the wall clock); a date in the past means at once."""
     if not value:
         return None
     try:
         seconds = float(value)
     except ValueError:
-        return None
-    return seconds if seconds >= 0 else None
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # "-0000": UTC as RFC 5322 says, not local time
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return seconds if seconds >= 0 and math.isfinite(seconds) else None
