@@ -6,6 +6,7 @@ the timing headers are made from it when the response is done.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,7 @@ class Exchange:
         "error_code",
         "fallbacks",
         "first_byte_at",
+        "halted",
         "key_id",
         "model",
         "prompt_estimate",
@@ -71,6 +73,8 @@ class Exchange:
         self.ticket: Admission | None = None  # the limiter's reservation, once admitted
         self.prompt_estimate = 0  # input tokens as estimated before sending
         self.refused = False  # by the gateway's own limits
+        # set by the server to end a stream it cannot wait for (shutdown), with the reason
+        self.halted: asyncio.Future[GatewayError] | None = None
 
     def start_upstream(self, deployment: Deployment) -> None:
         self.deployment = deployment

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import date
@@ -150,27 +151,39 @@ async def forward_stream(
     all, the client's stream starts early with keep-alive comments, so that proxies do not
     cut the connection; from then on, errors reach the client as an error event."""
     s = rt.config.server
+    halted: asyncio.Future[GatewayError] = asyncio.get_running_loop().create_future()
+    exchange.halted = halted
     opening = asyncio.ensure_future(open_upstream(request, rt, route, body, endpoint, exchange))
     response: web.StreamResponse | None = None
     try:
-        while not opening.done():
-            await asyncio.wait((opening,), timeout=s.keepalive_interval)
-            if not opening.done() and endpoint == "chat":
+        while not opening.done() and not halted.done():
+            await asyncio.wait(
+                (opening, halted), timeout=s.keepalive_interval, return_when=FIRST_COMPLETED
+            )
+            if not opening.done() and not halted.done() and endpoint == "chat":
                 if response is None:
                     response = await prepare_sse(request)
                 await response.write(KEEPALIVE)
-        try:
-            answer = opening.result()
-        except GatewayError as e:
+        answer: Answer | None = None
+        error: GatewayError | None = None
+        if not opening.done():  # the server is stopping
+            error = halted.result()
+        else:
+            try:
+                answer = opening.result()
+            except GatewayError as e:
+                error = e
+        if error is not None:
             if response is None:
-                raise
-            exchange.fail(e)
-            await response.write(encode(e.body()))
+                raise error
+            exchange.fail(error)
+            await response.write(encode(error.body()))
             await response.write_eof()
             return response
     finally:
         if not opening.done():
             opening.cancel()
+    assert answer is not None
     p = answer.deployment.provider
     sse = endpoint == "chat"
     watch: StreamWatch | None = None
@@ -185,6 +198,7 @@ async def forward_stream(
             )
             watch = StreamWatch(response, timeouts, p.name, answer.upstream)
         cutoff = budget_cutoff(rt, exchange, answer.deployment, answer.translator)
+        halted.add_done_callback(lambda _: answer.upstream.abort())
         return await pipe(request, response, answer, exchange, watch, sse, cutoff)
     finally:
         if watch is not None:

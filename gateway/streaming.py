@@ -180,6 +180,8 @@ async def pipe(
         partial, error = (e.partial, e.error) if isinstance(e, StreamInterrupted) else (b"", e)
         if watch is not None and watch.error is not None:
             partial, error = b"", watch.error  # the watch cut the upstream: say why
+        elif exchange.halted is not None and exchange.halted.done():
+            partial, error = b"", exchange.halted.result()  # the server is stopping
         exchange.fail(error)
         if not sse:
             # nothing can be said inside an audio body: cut the connection
