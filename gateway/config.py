@@ -63,6 +63,8 @@ class ServerConfig:
     # idle between requests for keepalive_timeout seconds, are closed (slow-loris clients).
     header_timeout: float = 10.0
     keepalive_timeout: float = 60.0
+    # A request whose body has not all arrived body_timeout seconds after its head gets 408.
+    body_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +399,7 @@ def _check(config: Config) -> None:
         "shutdown_timeout",
         "header_timeout",
         "keepalive_timeout",
+        "body_timeout",
     ):
         if getattr(s, name) <= 0:
             raise ConfigError(f"server.{name}: must be greater than 0 seconds")

@@ -29,6 +29,7 @@ from .errors import (
     InvalidRequest,
     ModelNotFound,
     QuotaExceeded,
+    RequestTimeout,
     ServiceUnavailable,
     UnsupportedMediaType,
     UpstreamTimeout,
@@ -537,7 +538,15 @@ async def read_json(request: web.Request) -> JSONObject:
         raise UnsupportedMediaType(
             f"Unsupported Content-Type '{content_type[:80]}'; send 'application/json'."
         )
-    return validate.parse_json_object(await request.read())
+    # a client that sends its head and then stalls or trickles its body is not waited for
+    try:
+        async with asyncio.timeout(request[EXCHANGE].runtime.config.server.body_timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            "The request body did not arrive in time.", headers={"Connection": "close"}
+        ) from None
+    return validate.parse_json_object(raw)
 
 
 def json_response(obj: object) -> web.Response:

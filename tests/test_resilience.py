@@ -630,3 +630,40 @@ models = ["anthropic/claude-haiku", "openai/gpt-4o"]
     )
     assert answer.model == "openai/gpt-4o"
     assert len(gateway.anthropic.requests) == 3
+
+
+@pytest.mark.parametrize("trickle", [False, True])
+async def test_a_stalled_or_trickled_body_gets_408(
+    make_gateway: MakeGateway, trickle: bool
+) -> None:
+    gateway = await make_gateway(server="request_timeout = 5\nretries = 0\nbody_timeout = 0.5")
+    url = gateway.server.make_url("/")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {CLIENT_KEY}\r\nContent-Length: 1000\r\n\r\n"
+    )
+    writer.write(head.encode() + b'{"model": ')
+    started = time.monotonic()
+
+    async def trickling() -> None:
+        while trickle:
+            await asyncio.sleep(0.1)
+            writer.write(b" ")
+
+    dripping = asyncio.ensure_future(trickling())
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), timeout=5)
+        took = time.monotonic() - started
+        rest = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        length = int(rest.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(length)
+    finally:
+        dripping.cancel()
+        writer.close()
+    assert status_line.startswith(b"HTTP/1.1 408"), status_line
+    assert 0.4 < took < 2, took
+    assert b"connection: close" in rest.lower()
+    error = json.loads(body)["error"]
+    assert (error["code"], error["type"]) == ("request_timeout", "invalid_request_error")
+    assert set(error) == {"message", "type", "param", "code"}
