@@ -21,7 +21,7 @@ from aiohttp import web
 
 from gateway.resilience import parse_retry_after
 
-from .conftest import CLIENT_KEY, Fakes, Gateway, MakeGateway
+from .conftest import CLIENT_KEY, Fakes, Gateway, MakeGateway, gateway_toml
 from .fakes.anthropic_upstream import anthropic_error
 from .fakes.base import UPSTREAM_KEY, fixture_bytes, sse_events
 from .streams import post_raw
@@ -667,3 +667,24 @@ async def test_a_stalled_or_trickled_body_gets_408(
     error = json.loads(body)["error"]
     assert (error["code"], error["type"]) == ("request_timeout", "invalid_request_error")
     assert set(error) == {"message", "type", "param", "code"}
+
+
+async def test_a_providers_request_timeout_sets_the_deadline(
+    make_gateway: MakeGateway, fakes: Fakes, tmp_path: Any
+) -> None:
+    toml = gateway_toml(
+        fakes.urls,
+        server="request_timeout = 30\nretries = 3\nretry_backoff = 0.01",
+        db=str(tmp_path / "override.db"),
+    ).replace('kind = "openai"\n', 'kind = "openai"\nrequest_timeout = 0.5\n', 1)
+    gateway = await make_gateway(toml=toml)
+    for _ in range(4):
+        gateway.fake.next_hang()
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as caught:
+        await gateway.aclient().chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    assert time.monotonic() - started < 1.5
+    assert caught.value.status_code == 504
+    assert caught.value.code == "upstream_timeout"
+    assert "0.5 s" in caught.value.message  # the provider's timeout, not the server's 30 s
+    assert len(gateway.fake.requests) == 1
