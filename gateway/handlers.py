@@ -12,7 +12,6 @@ import asyncio
 import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
 from datetime import date
 from functools import partial
 from typing import TYPE_CHECKING
@@ -36,7 +35,7 @@ from .errors import (
 )
 from .exchange import EXCHANGE, Exchange
 from .metrics import Metrics
-from .resilience import Breaker, parse_retry_after, weighted_order
+from .resilience import Breaker, Deadline, OutOfTime, parse_retry_after, weighted_order
 from .runtime import STATE, Runtime
 from .streaming import Answer, StreamTimeouts, StreamWatch, pipe, prepare_sse
 from .translate.base import (
@@ -377,31 +376,6 @@ async def send(
             breaker.released()
 
 
-@dataclass(frozen=True, slots=True)
-class Deadline:
-    """When a request must have its answer (or its stream's first token), retries and
-    fallbacks included."""
-
-    at: float  # on the event loop's clock
-    seconds: float
-
-    def passed(self) -> OutOfTime:
-        return OutOfTime(
-            f"no deployment answered within the request timeout ({self.seconds:g} s)",
-            code="upstream_timeout",
-        )
-
-
-async def failing(error: GatewayError) -> AsyncIterator[bytes]:
-    """The rest of a stream whose next event is an error."""
-    raise error
-    yield b""  # an async generator
-
-
-class OutOfTime(UpstreamTimeout):
-    """The request's deadline passed: no further retry or fallback."""
-
-
 class UpstreamRefused(Exception):
     """The upstream answered with an error status."""
 
@@ -444,6 +418,12 @@ async def attempt_once(
     except BaseException:
         upstream.release()
         raise
+
+
+async def failing(error: GatewayError) -> AsyncIterator[bytes]:
+    """The rest of a stream whose next event is an error."""
+    raise error
+    yield b""  # an async generator
 
 
 # Output tokens reserved for a request that sets no max_tokens, on a model with no cap in the

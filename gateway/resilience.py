@@ -1,4 +1,5 @@
-"""Staying up when upstreams misbehave: circuit breakers, retry backoff, deployment order.
+"""Staying up when upstreams misbehave: circuit breakers, retry backoff, the request deadline,
+deployment order, Retry-After.
 
 A ``Breaker`` per deployment counts consecutive failures (connection errors, timeouts, 5xx);
 past ``failures`` it opens and the deployment is skipped for ``cooldown`` seconds; then one
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Literal, TypeVar
+
+from .errors import UpstreamTimeout
 
 T = TypeVar("T")
 BreakerState = Literal["closed", "open", "half_open"]
@@ -105,6 +108,25 @@ class Backoff:
         wait = self.rand() * window
         # the upstream knows best when it can take the request again
         return float(max(wait, retry_after) if retry_after is not None else wait)
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """When a request must have its answer (or its stream's first token), retries and
+    fallbacks included."""
+
+    at: float  # on the event loop's clock
+    seconds: float
+
+    def passed(self) -> OutOfTime:
+        return OutOfTime(
+            f"no deployment answered within the request timeout ({self.seconds:g} s)",
+            code="upstream_timeout",
+        )
+
+
+class OutOfTime(UpstreamTimeout):
+    """The request's deadline passed: no further retry or fallback."""
 
 
 def weighted_order(
