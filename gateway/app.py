@@ -248,8 +248,10 @@ async def _add_headers(request: web.Request, response: web.StreamResponse) -> No
         headers.update(ticket.headers)
         if ticket.warning:
             headers["X-Gateway-Warning"] = ticket.warning
-    if exchange.deployment is not None:
-        headers["X-Gateway-Provider"] = exchange.deployment.provider.name
+    # who answered; unknown (and not said) when keep-alives started a stream before that
+    if exchange.served is not None:
+        headers["X-Gateway-Provider"] = exchange.served.provider.name
+        headers["X-Gateway-Model"] = exchange.served.id
     # the gateway's own time and the upstream's, so that operators can see the overhead
     now = time.perf_counter()
     if exchange.upstream_started:

@@ -33,12 +33,16 @@ class ServerConfig:
     port: int = 8080
     # Largest accepted request body; bigger ones get 413 before they are read.
     max_body_bytes: int = 10 * 1024 * 1024
-    # Upstream timeouts, in seconds. connect: to open a connection. request: for a whole
-    # non-stream answer, and for the first token of a stream. idle: the longest silence
-    # inside a stream after its first token. stream: for a whole stream. Providers may
-    # override request_timeout and idle_timeout.
+    # Upstream timeouts, in seconds. connect: to open a connection. request: one deadline
+    # per request across its retries and fallbacks, for a whole non-stream answer or for
+    # the first token of a stream. first_token: how long one stream attempt may wait for
+    # its first token before it counts as failed and is retried or falls back (default:
+    # the request timeout). idle: the longest silence inside a stream after its first
+    # token. stream: for a whole stream. Providers may override request_timeout,
+    # first_token_timeout and idle_timeout.
     connect_timeout: float = 10.0
     request_timeout: float = 60.0
+    first_token_timeout: float | None = None
     idle_timeout: float = 60.0
     stream_timeout: float = 900.0
     # While a stream waits on its upstream, an SSE comment is sent this often so that load
@@ -59,6 +63,8 @@ class ServerConfig:
     # idle between requests for keepalive_timeout seconds, are closed (slow-loris clients).
     header_timeout: float = 10.0
     keepalive_timeout: float = 60.0
+    # A request whose body has not all arrived body_timeout seconds after its head gets 408.
+    body_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +101,7 @@ class ProviderConfig:
     # that one config file can list every provider an installation might use.
     headers: Mapping[str, str] = field(default_factory=dict)
     request_timeout: float | None = None
+    first_token_timeout: float | None = None
     idle_timeout: float | None = None
     models: tuple[ModelConfig, ...] = ()
 
@@ -392,9 +399,12 @@ def _check(config: Config) -> None:
         "shutdown_timeout",
         "header_timeout",
         "keepalive_timeout",
+        "body_timeout",
     ):
         if getattr(s, name) <= 0:
             raise ConfigError(f"server.{name}: must be greater than 0 seconds")
+    if s.first_token_timeout is not None and s.first_token_timeout <= 0:
+        raise ConfigError("server.first_token_timeout: must be greater than 0 seconds")
     if s.retries < 0 or s.retry_backoff < 0:
         raise ConfigError("server.retries and server.retry_backoff must not be negative")
     if s.breaker_failures < 1:
@@ -417,7 +427,7 @@ def _check(config: Config) -> None:
             )
         if p.api_key and p.api_key_env:
             raise ConfigError(f"{where}: set api_key or api_key_env, not both")
-        for name in ("request_timeout", "idle_timeout"):
+        for name in ("request_timeout", "first_token_timeout", "idle_timeout"):
             value = getattr(p, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{where}.{name}: must be greater than 0 seconds")

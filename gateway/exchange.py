@@ -6,6 +6,7 @@ the timing headers are made from it when the response is done.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -30,12 +31,14 @@ class Exchange:
         "error_code",
         "fallbacks",
         "first_byte_at",
+        "halted",
         "key_id",
         "model",
         "prompt_estimate",
         "refused",
         "request_id",
         "runtime",
+        "served",
         "started",
         "status",
         "stream",
@@ -57,6 +60,7 @@ class Exchange:
         self.key_id = ""
         self.model = ""  # as the client asked for it
         self.deployment: Deployment | None = None  # the one that served, or was tried last
+        self.served: Deployment | None = None  # the one that answered, once it has
         self.status = 0
         self.usage = Usage()
         self.error_code: str | None = None
@@ -69,6 +73,8 @@ class Exchange:
         self.ticket: Admission | None = None  # the limiter's reservation, once admitted
         self.prompt_estimate = 0  # input tokens as estimated before sending
         self.refused = False  # by the gateway's own limits
+        # set by the server to end a stream it cannot wait for (shutdown), with the reason
+        self.halted: asyncio.Future[GatewayError] | None = None
 
     def start_upstream(self, deployment: Deployment) -> None:
         self.deployment = deployment

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from asyncio import FIRST_COMPLETED
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import date
+from functools import partial
 from typing import TYPE_CHECKING
 
 import orjson
@@ -26,22 +28,31 @@ from .errors import (
     InvalidRequest,
     ModelNotFound,
     QuotaExceeded,
+    RequestTimeout,
     ServiceUnavailable,
     UnsupportedMediaType,
+    UpstreamTimeout,
 )
 from .exchange import EXCHANGE, Exchange
 from .metrics import Metrics
-from .resilience import Breaker, parse_retry_after, weighted_order
+from .resilience import Breaker, Deadline, OutOfTime, parse_retry_after, weighted_order
 from .runtime import STATE, Runtime
-from .streaming import StreamTimeouts, StreamWatch, pipe, prepare_sse
-from .translate.base import Endpoint, Translator, UpstreamCall, Usage, translator_for
+from .streaming import Answer, StreamTimeouts, StreamWatch, pipe, prepare_sse
+from .translate.base import (
+    Endpoint,
+    StreamInterrupted,
+    Translator,
+    UpstreamCall,
+    Usage,
+    translator_for,
+)
 from .translate.sse import KEEPALIVE, encode
 from .usage import cost_of, default_period
 
 if TYPE_CHECKING:
     from .router import Deployment, Route
     from .schema.openai import JSONObject
-    from .upstream import UpstreamResponse
+    from .upstream import Upstream
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -119,14 +130,13 @@ async def forward(
             return await forward_stream(request, rt, route, body, endpoint, exchange)
         finally:
             metrics.in_flight_streams -= 1
-    upstream, translator, _ = await open_upstream(request, rt, route, body, endpoint, exchange)
+    answer = await open_upstream(request, rt, route, body, endpoint, exchange)
     try:
-        answer = translator.response_body(await upstream.read())
+        out = answer.translator.response_body(answer.head)
     finally:
-        upstream.release()
-        exchange.usage = translator.usage
+        exchange.usage = answer.translator.usage
     exchange.end_upstream()
-    return web.Response(body=answer, content_type="application/json")
+    return web.Response(body=out, content_type="application/json")
 
 
 async def forward_stream(
@@ -141,28 +151,40 @@ async def forward_stream(
     all, the client's stream starts early with keep-alive comments, so that proxies do not
     cut the connection; from then on, errors reach the client as an error event."""
     s = rt.config.server
+    halted: asyncio.Future[GatewayError] = asyncio.get_running_loop().create_future()
+    exchange.halted = halted
     opening = asyncio.ensure_future(open_upstream(request, rt, route, body, endpoint, exchange))
     response: web.StreamResponse | None = None
     try:
-        while not opening.done():
-            await asyncio.wait((opening,), timeout=s.keepalive_interval)
-            if not opening.done() and endpoint == "chat":
+        while not opening.done() and not halted.done():
+            await asyncio.wait(
+                (opening, halted), timeout=s.keepalive_interval, return_when=FIRST_COMPLETED
+            )
+            if not opening.done() and not halted.done() and endpoint == "chat":
                 if response is None:
                     response = await prepare_sse(request)
                 await response.write(KEEPALIVE)
-        try:
-            upstream, translator, deployment = opening.result()
-        except GatewayError as e:
+        answer: Answer | None = None
+        error: GatewayError | None = None
+        if not opening.done():  # the server is stopping
+            error = halted.result()
+        else:
+            try:
+                answer = opening.result()
+            except GatewayError as e:
+                error = e
+        if error is not None:
             if response is None:
-                raise
-            exchange.fail(e)
-            await response.write(encode(e.body()))
+                raise error
+            exchange.fail(error)
+            await response.write(encode(error.body()))
             await response.write_eof()
             return response
     finally:
         if not opening.done():
             opening.cancel()
-    p = deployment.provider
+    assert answer is not None
+    p = answer.deployment.provider
     sse = endpoint == "chat"
     watch: StreamWatch | None = None
     try:
@@ -170,19 +192,19 @@ async def forward_stream(
             if response is None:
                 response = await prepare_sse(request)
             timeouts = StreamTimeouts(
-                first_token=p.request_timeout or s.request_timeout,
                 idle=p.idle_timeout or s.idle_timeout,
                 total=s.stream_timeout,
                 keepalive=s.keepalive_interval,
             )
-            watch = StreamWatch(response, timeouts, p.name, upstream)
-        cutoff = budget_cutoff(rt, exchange, deployment, translator)
-        return await pipe(request, response, upstream, translator, exchange, watch, sse, cutoff)
+            watch = StreamWatch(response, timeouts, p.name, answer.upstream)
+        cutoff = budget_cutoff(rt, exchange, answer.deployment, answer.translator)
+        halted.add_done_callback(lambda _: answer.upstream.abort())
+        return await pipe(request, response, answer, exchange, watch, sse, cutoff)
     finally:
         if watch is not None:
             watch.stop()
-        upstream.release()
-        exchange.usage = translator.usage
+        answer.upstream.release()
+        exchange.usage = answer.translator.usage
 
 
 def budget_cutoff(
@@ -216,17 +238,21 @@ async def open_upstream(
     body: JSONObject,
     endpoint: Endpoint,
     exchange: Exchange,
-) -> tuple[UpstreamResponse, Translator, Deployment]:
-    """The first deployment of the route that answers without error, with its translator.
+) -> Answer:
+    """The answer of the first deployment of the route that answers without error.
 
     Deployments whose breaker is open are skipped; a deployment that cannot express the
-    request (a translation 400) or fails in a retryable way hands over to the next one.
+    request (a translation 400) or fails in a retryable way hands over to the next one. All
+    of it happens within one deadline, the request timeout of the first deployment's
+    provider: past it the client gets 504.
     """
     state = request.app[STATE]
     deployments = route.deployments
     weights = rt.router.weights.get(route.requested)
     if weights:
         deployments = tuple(weighted_order(deployments, weights))
+    seconds = deployments[0].provider.request_timeout or rt.config.server.request_timeout
+    deadline = Deadline(asyncio.get_running_loop().time() + seconds, seconds)
     failure: GatewayError | None = None
     for position, deployment in enumerate(deployments):
         breaker = state.breakers[deployment.id]
@@ -236,11 +262,11 @@ async def open_upstream(
                 code="circuit_open",
             )
             continue
-        # a fallback says which model answered, in `model` as in X-Gateway-Provider
+        # a fallback says which model answered, in `model` as in X-Gateway-Model
         answering_as = route.requested if position == 0 else deployment.id
+        translate = partial(translated, deployment, endpoint, answering_as, body)
         try:
-            translator = translator_for(deployment, endpoint, answering_as)
-            call = translator.request(body)
+            first = translate()
         except InvalidRequest as e:
             breaker.released()
             failure = failure or e
@@ -249,78 +275,155 @@ async def open_upstream(
         if position:
             exchange.fallbacks += 1
         try:
-            upstream = await send(
-                rt, deployment, call, translator, breaker, exchange, state.metrics
+            answer = await send(
+                rt, deployment, first, translate, breaker, exchange, state.metrics, deadline
             )
         except GatewayError as e:
-            if not e.may_fall_back:
+            if not e.may_fall_back or isinstance(e, OutOfTime):
                 raise
             failure = e
             continue
         if position:
             state.metrics.fallbacks.inc((route.requested,))
-        return upstream, translator, deployment
+        exchange.served = deployment
+        return answer
     raise failure or ServiceUnavailable("No deployment could serve the request.")
+
+
+def translated(
+    deployment: Deployment, endpoint: Endpoint, answering_as: str, body: JSONObject
+) -> tuple[Translator, UpstreamCall]:
+    """A fresh translator for one attempt (it holds that attempt's stream state), and the
+    call it makes of the request."""
+    translator = translator_for(deployment, endpoint, answering_as)
+    return translator, translator.request(body)
 
 
 async def send(
     rt: Runtime,
     deployment: Deployment,
-    call: UpstreamCall,
-    translator: Translator,
+    first: tuple[Translator, UpstreamCall],
+    translate: Callable[[], tuple[Translator, UpstreamCall]],
     breaker: Breaker,
     exchange: Exchange,
     metrics: Metrics,
-) -> UpstreamResponse:
+    deadline: Deadline,
+) -> Answer:
     """Send one call to one deployment, retrying connection errors, 429 and 5xx with
-    exponential backoff and full jitter (honouring Retry-After) within the request timeout."""
+    exponential backoff and full jitter (honouring Retry-After) until the deadline.
+
+    An attempt succeeds once a non-stream answer is read whole, or once a stream has produced
+    its first output for the client: a stream that opens with an error event, or sends no
+    first token within the first-token timeout, failed like an HTTP error, since nothing has
+    reached the client yet.
+    """
     s = rt.config.server
+    p = deployment.provider
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + (deployment.provider.request_timeout or s.request_timeout)
-    provider = deployment.provider.name
-    upstream_client = rt.upstreams[provider]
+    first_token = p.first_token_timeout or s.first_token_timeout or p.request_timeout
+    first_token = first_token or s.request_timeout
+    upstream_client = rt.upstreams[p.name]
+    translator, call = first
     attempt = 0
     settled = False
     try:
         while True:
+            started = loop.time()
+            if started >= deadline.at:
+                raise deadline.passed()
             exchange.attempts += 1
-            retry_after: float | None = None
+            cutoff = min(deadline.at, started + first_token) if call.stream else deadline.at
             try:
-                upstream = await upstream_client.send(call)
+                async with asyncio.timeout_at(cutoff):
+                    answer = await attempt_once(upstream_client, call, translator, deployment)
+            except TimeoutError:
+                error: GatewayError = deadline.passed()
+                if cutoff < deadline.at:
+                    error = UpstreamTimeout(
+                        f"provider '{p.name}' sent no first token within {first_token:g} s",
+                        code="upstream_timeout",
+                    )
+                outcome = error.code or "error"
+            except UpstreamRefused as e:
+                error, outcome = e.error, str(e.status)
             except GatewayError as e:
-                error = e
-                metrics.upstream_attempts.inc((provider, e.code or "error"))
+                error, outcome = e, e.code or "error"
             else:
-                metrics.upstream_attempts.inc((provider, str(upstream.status)))
-                if upstream.status < 400:
-                    breaker.succeeded()
-                    settled = True
-                    return upstream
-                try:
-                    raw = await upstream.read()
-                finally:
-                    upstream.release()
-                error = translator.response_error(upstream.status, raw, upstream.headers)
-                retry_after = parse_retry_after(upstream.headers.get("Retry-After"))
+                metrics.upstream_attempts.inc((p.name, str(answer.upstream.status)))
+                breaker.succeeded()
+                settled = True
+                return answer
+            metrics.upstream_attempts.inc((p.name, outcome))
             if error.status >= 500:
                 breaker.failed()
             else:
                 breaker.succeeded()  # the provider is up; it refused this request
             settled = True
-            if not error.retryable or attempt >= s.retries:
+            if isinstance(error, OutOfTime) or not error.retryable or attempt >= s.retries:
                 raise error
-            delay = rt.backoff.delay(attempt, retry_after)
-            if loop.time() + delay >= deadline:
-                raise error
+            delay = rt.backoff.delay(attempt, parse_retry_after(error.headers.get("Retry-After")))
+            if loop.time() + delay >= deadline.at:
+                raise error  # the upstream's own answer says more than a timeout would
             await asyncio.sleep(delay)
             attempt += 1
-            metrics.retries.inc((provider,))
+            metrics.retries.inc((p.name,))
             if not breaker.allow():
                 raise error
             settled = False
+            translator, call = translate()
     finally:
         if not settled:
             breaker.released()
+
+
+class UpstreamRefused(Exception):
+    """The upstream answered with an error status."""
+
+    def __init__(self, status: int, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.status = status
+        self.error = error
+
+
+async def attempt_once(
+    upstream_client: Upstream, call: UpstreamCall, translator: Translator, deployment: Deployment
+) -> Answer:
+    """One request to the upstream: its answer, or the error it amounts to."""
+    upstream = await upstream_client.send(call)
+    if upstream.status >= 400:
+        try:
+            raw = await upstream.read()
+        finally:
+            upstream.release()
+        raise UpstreamRefused(
+            upstream.status, translator.response_error(upstream.status, raw, upstream.headers)
+        )
+    if not call.stream:
+        try:
+            return Answer(deployment, translator, upstream, await upstream.read(), None)
+        finally:
+            upstream.release()
+    try:
+        rest = upstream.chunks()
+        async for chunk in rest:
+            head = translator.response_chunk(chunk)
+            if head:
+                return Answer(deployment, translator, upstream, head, rest)
+        return Answer(deployment, translator, upstream, translator.response_end(), None)
+    except StreamInterrupted as e:
+        if e.partial:  # the error comes after output: the stream is under way
+            return Answer(deployment, translator, upstream, e.partial, failing(e.error))
+        upstream.release()  # an error before any output: the attempt failed
+        raise e.error from None
+    except BaseException:
+        upstream.release()
+        raise
+
+
+async def failing(error: GatewayError) -> AsyncIterator[bytes]:
+    """The rest of a stream whose next event is an error."""
+    raise error
+    yield b""  # an async generator
 
 
 # Output tokens reserved for a request that sets no max_tokens, on a model with no cap in the
@@ -415,7 +518,15 @@ async def read_json(request: web.Request) -> JSONObject:
         raise UnsupportedMediaType(
             f"Unsupported Content-Type '{content_type[:80]}'; send 'application/json'."
         )
-    return validate.parse_json_object(await request.read())
+    # a client that sends its head and then stalls or trickles its body is not waited for
+    try:
+        async with asyncio.timeout(request[EXCHANGE].runtime.config.server.body_timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            "The request body did not arrive in time.", headers={"Connection": "close"}
+        ) from None
+    return validate.parse_json_object(raw)
 
 
 def json_response(obj: object) -> web.Response:

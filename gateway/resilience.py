@@ -1,4 +1,5 @@
-"""Staying up when upstreams misbehave: circuit breakers, retry backoff, deployment order.
+"""Staying up when upstreams misbehave: circuit breakers, retry backoff, the request deadline,
+deployment order, Retry-After.
 
 A ``Breaker`` per deployment counts consecutive failures (connection errors, timeouts, 5xx);
 past ``failures`` it opens and the deployment is skipped for ``cooldown`` seconds; then one
@@ -7,11 +8,16 @@ probe request is let through (half-open): success closes it, failure opens it ag
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Literal, TypeVar
+
+from .errors import UpstreamTimeout
 
 T = TypeVar("T")
 BreakerState = Literal["closed", "open", "half_open"]
@@ -104,6 +110,25 @@ class Backoff:
         return float(max(wait, retry_after) if retry_after is not None else wait)
 
 
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """When a request must have its answer (or its stream's first token), retries and
+    fallbacks included."""
+
+    at: float  # on the event loop's clock
+    seconds: float
+
+    def passed(self) -> OutOfTime:
+        return OutOfTime(
+            f"no deployment answered within the request timeout ({self.seconds:g} s)",
+            code="upstream_timeout",
+        )
+
+
+class OutOfTime(UpstreamTimeout):
+    """The request's deadline passed: no further retry or fallback."""
+
+
 def weighted_order(
     items: Sequence[T], weights: Sequence[float], rand: Callable[[], float] = random.random
 ) -> list[T]:
@@ -123,12 +148,19 @@ def weighted_order(
     return out
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta seconds; HTTP dates are not worth the wait)."""
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta seconds, or an HTTP date (RFC 9110
+    section 10.2.3) counted from `now` (the wall clock); a date in the past means at once."""
     if not value:
         return None
     try:
         seconds = float(value)
     except ValueError:
-        return None
-    return seconds if seconds >= 0 else None
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # "-0000": UTC as RFC 5322 says, not local time
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return seconds if seconds >= 0 and math.isfinite(seconds) else None

@@ -2,7 +2,8 @@
 clients that hold connections without sending requests (slow-loris) from piling up.
 
 aiohttp's ``run_app`` does most of this but gives no hold on the server's connections, which
-the connection guard needs; this is the same sequence with that added.
+the connection guard needs, and cancels what is still running at the shutdown timeout, which
+would leave a stream's client without a word; this is the same sequence with both added.
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ from collections.abc import Callable
 from aiohttp import web
 
 from .config import Config
-from .runtime import STATE
+from .errors import ServiceUnavailable
+from .runtime import STATE, GatewayState
 from .usage_types import UsageStoreError
 
 log = logging.getLogger("gateway")
+
+# Seconds the streams told to stop at the drain timeout get to send their error event and end,
+# and then what is still running (a non-stream request) gets before it is cancelled.
+HALT_GRACE = 1.0
 
 
 class ConnectionGuard:
@@ -99,7 +105,7 @@ async def _serve(
         app,
         access_log=None,
         handler_cancellation=True,  # a client that leaves cancels its request at once
-        shutdown_timeout=s.shutdown_timeout,
+        shutdown_timeout=HALT_GRACE,  # drain() has waited shutdown_timeout already
         keepalive_timeout=s.keepalive_timeout,
     )
     try:
@@ -137,5 +143,38 @@ async def _serve(
     guarding.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await guarding
-    # stops listening, waits for handlers up to shutdown_timeout, then runs the cleanups
+    await drain(runner, state, s.shutdown_timeout)
+    # cancels what is left after a short grace, closes the connections, runs the cleanups
     await runner.cleanup()
+
+
+async def drain(runner: web.AppRunner, state: GatewayState, timeout: float) -> None:
+    """Stop listening and let the requests in flight finish for up to `timeout` seconds; then
+    end the streams still running with a ``server_shutdown`` error event, so that their
+    clients know why and their usage is recorded as such (not as a client that left)."""
+    for site in list(runner.sites):
+        await site.stop()
+    if runner.server is not None:
+        runner.server.pre_shutdown()  # idle keep-alive connections close now, busy ones after
+    loop = asyncio.get_running_loop()
+    if await _settled(state, loop.time() + timeout):
+        return
+    shutdown = ServiceUnavailable(
+        "The gateway is shutting down and could not finish this stream in time; try again.",
+        code="server_shutdown",
+    )
+    halted = 0
+    for exchange in list(state.in_flight.values()):
+        if exchange.halted is not None and not exchange.halted.done():
+            exchange.halted.set_result(shutdown)
+            halted += 1
+    log.warning("drain timeout: ending %d stream(s) still running", halted)
+    await _settled(state, loop.time() + HALT_GRACE)
+
+
+async def _settled(state: GatewayState, until: float) -> bool:
+    """Whether every request in flight ended before the loop's clock reached `until`."""
+    loop = asyncio.get_running_loop()
+    while state.in_flight and loop.time() < until:
+        await asyncio.sleep(0.05)
+    return not state.in_flight

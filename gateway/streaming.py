@@ -1,10 +1,12 @@
 """Piping a stream to the client: translated chunk by chunk as it arrives, kept alive, timed.
 
-``StreamWatch`` is one timer per stream. It sends an SSE comment (``: keep-alive``) whenever
-the client has heard nothing for ``keepalive`` seconds, and ends the stream with an error
-event when the upstream misses its first token (``first_token``), goes silent mid-stream
-(``idle``) or runs past the whole-stream limit (``total``): it closes the upstream connection,
-which ends the read in ``pipe``, and ``pipe`` reports the timeout instead of the cut.
+A stream is piped once its upstream has produced a first output for the client (``Answer``);
+waiting for that, and the first-token timeout, are the handler's business. ``StreamWatch`` is
+one timer per piped stream. It sends an SSE comment (``: keep-alive``) whenever the client has
+heard nothing for ``keepalive`` seconds, and ends the stream with an error event when the
+upstream goes silent (``idle``) or runs past the whole-stream limit (``total``): it closes
+the upstream connection, which ends the read in ``pipe``, and ``pipe`` reports the timeout
+instead of the cut.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,7 @@ from .translate.sse import KEEPALIVE, encode
 
 if TYPE_CHECKING:
     from .exchange import Exchange
+    from .router import Deployment
     from .upstream import UpstreamResponse
 
 SSE_HEADERS = {
@@ -34,8 +37,19 @@ SSE_HEADERS = {
 
 
 @dataclass(frozen=True, slots=True)
+class Answer:
+    """What a deployment answered: a non-stream body read whole, or a stream's first output
+    for the client (``head``) and the rest of its chunks (``rest``, None if it ended)."""
+
+    deployment: Deployment
+    translator: Translator
+    upstream: UpstreamResponse
+    head: bytes
+    rest: AsyncIterator[bytes] | None
+
+
+@dataclass(frozen=True, slots=True)
 class StreamTimeouts:
-    first_token: float
     idle: float
     total: float
     keepalive: float
@@ -54,7 +68,6 @@ class StreamWatch:
         "_timeouts",
         "_upstream",
         "error",
-        "got_token",
         "provider",
     )
 
@@ -63,7 +76,7 @@ class StreamWatch:
         response: web.StreamResponse,
         timeouts: StreamTimeouts,
         provider: str,
-        upstream: UpstreamResponse | None = None,
+        upstream: UpstreamResponse,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         now = self._loop.time()
@@ -72,22 +85,17 @@ class StreamWatch:
         self._upstream = upstream
         self._timeouts = timeouts
         self.provider = provider
-        self.got_token = False
         self.error: GatewayError | None = None
         self._keepalive: asyncio.Future[None] | None = None
-        smallest = min(timeouts.keepalive, timeouts.first_token, timeouts.idle)
+        smallest = min(timeouts.keepalive, timeouts.idle)
         self._tick_every = max(0.02, min(1.0, smallest / 4))
         self._handle = self._loop.call_later(self._tick_every, self._tick)
-
-    def watch(self, upstream: UpstreamResponse) -> None:
-        self._upstream = upstream
 
     def upstream_chunk(self) -> None:
         self._last_upstream = self._loop.time()
 
     def client_write(self) -> None:
         self._last_client = self._loop.time()
-        self.got_token = True
 
     def stop(self) -> None:
         self._handle.cancel()
@@ -95,9 +103,7 @@ class StreamWatch:
     def _tick(self) -> None:
         now = self._loop.time()
         t = self._timeouts
-        if not self.got_token and now - self._started > t.first_token:
-            self._expire(f"sent no first token within {t.first_token:g} s")
-        elif self.got_token and now - self._last_upstream > t.idle:
+        if now - self._last_upstream > t.idle:
             self._expire(f"went silent for {t.idle:g} s in the middle of the stream")
         elif now - self._started > t.total:
             self._expire(f"did not finish the stream within {t.total:g} s")
@@ -109,8 +115,7 @@ class StreamWatch:
 
     def _expire(self, what: str) -> None:
         self.error = UpstreamTimeout(f"provider '{self.provider}' {what}", code="upstream_timeout")
-        if self._upstream is not None:
-            self._upstream.abort()
+        self._upstream.abort()
 
 
 async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
@@ -128,8 +133,7 @@ async def prepare_sse(request: web.Request) -> web.StreamResponse:
 async def pipe(
     request: web.Request,
     response: web.StreamResponse | None,
-    upstream: UpstreamResponse,
-    translator: Translator,
+    answer: Answer,
     exchange: Exchange,
     watch: StreamWatch | None,
     sse: bool,
@@ -140,6 +144,7 @@ async def pipe(
     Once the first byte is out the status is sent, so a failure from here on reaches the
     client as an error event in OpenAI's shape (SSE) or as a cut connection (binary audio).
     """
+    upstream, translator = answer.upstream, answer.translator
     if response is None:
         headers = (
             SSE_HEADERS
@@ -151,31 +156,32 @@ async def pipe(
         )
         response = web.StreamResponse(headers=headers)
         await response.prepare(request)
-    if watch is not None:
-        watch.watch(upstream)
     try:
-        async for chunk in upstream.chunks():
-            if watch is not None:
-                watch.upstream_chunk()
-            out = translator.response_chunk(chunk)
-            if out:
-                if not exchange.first_byte_at:
-                    exchange.first_byte_at = time.perf_counter()
-                await response.write(out)
+        exchange.first_byte_at = time.perf_counter()
+        await response.write(answer.head)
+        if answer.rest is not None:
+            async for chunk in answer.rest:
                 if watch is not None:
-                    watch.client_write()
-                if cutoff is not None:
-                    stop = cutoff()
-                    if stop is not None:
-                        upstream.abort()
-                        raise stop
-        out = translator.response_end()
-        if out:
-            await response.write(out)
+                    watch.upstream_chunk()
+                out = translator.response_chunk(chunk)
+                if out:
+                    await response.write(out)
+                    if watch is not None:
+                        watch.client_write()
+                    if cutoff is not None:
+                        stop = cutoff()
+                        if stop is not None:
+                            upstream.abort()
+                            raise stop
+            out = translator.response_end()
+            if out:
+                await response.write(out)
     except (GatewayError, StreamInterrupted) as e:
         partial, error = (e.partial, e.error) if isinstance(e, StreamInterrupted) else (b"", e)
         if watch is not None and watch.error is not None:
             partial, error = b"", watch.error  # the watch cut the upstream: say why
+        elif exchange.halted is not None and exchange.halted.done():
+            partial, error = b"", exchange.halted.result()  # the server is stopping
         exchange.fail(error)
         if not sse:
             # nothing can be said inside an audio body: cut the connection

@@ -73,8 +73,8 @@ class HTTPUpstream:
         self._timeout_whole = aiohttp.ClientTimeout(
             total=timeout, sock_connect=server.connect_timeout, sock_read=timeout
         )
-        # Streams are timed by the gateway's stream watch (first token, idle, total); these
-        # are the outer bounds that hold even if the watch is not running.
+        # Streams are timed by the gateway (the request deadline and first-token timeout in
+        # the handler, idle and total by the stream watch); these are outer bounds only.
         self._timeout_stream = aiohttp.ClientTimeout(
             total=server.stream_timeout + 1,
             sock_connect=server.connect_timeout,

@@ -337,7 +337,7 @@ async def test_upstream_bad_request(gateway: Gateway, name: str) -> None:
 async def test_mid_stream_failure(gateway: Gateway, name: str) -> None:
     p = PROVIDERS[name]
     events = len(sse_events(fixture_bytes(p.after_tool)))
-    p.fake(gateway).next_stream(p.after_tool, cut_after=min(2, events - 1))
+    p.fake(gateway).next_stream(p.after_tool, cut_after=min(4, events - 1))  # after output began
     stream = await gateway.aclient().chat.completions.create(
         model=p.model, messages=[{"role": "user", "content": "x"}], stream=True
     )

@@ -7,9 +7,11 @@ usage store recorded.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections import Counter
+from email.utils import formatdate
 from typing import Any
 
 import aiohttp
@@ -17,7 +19,9 @@ import openai
 import pytest
 from aiohttp import web
 
-from .conftest import CLIENT_KEY, Fakes, Gateway, MakeGateway
+from gateway.resilience import parse_retry_after
+
+from .conftest import CLIENT_KEY, Fakes, Gateway, MakeGateway, gateway_toml
 from .fakes.anthropic_upstream import anthropic_error
 from .fakes.base import UPSTREAM_KEY, fixture_bytes, sse_events
 from .streams import post_raw
@@ -131,6 +135,7 @@ async def test_fallback_to_the_next_deployment(make_gateway: MakeGateway) -> Non
     )
     answer = raw.parse()
     assert raw.headers["x-gateway-provider"] == "anthropic"
+    assert raw.headers["x-gateway-model"] == "anthropic/claude-haiku"
     assert answer.model == "anthropic/claude-haiku"  # the model that served it
     assert len(gateway.fake.requests) == 3
     assert len(gateway.anthropic.requests) == 1
@@ -145,6 +150,7 @@ async def test_first_deployment_answers_as_the_requested_name(make_gateway: Make
     )
     assert raw.parse().model == "resilient"
     assert raw.headers["x-gateway-provider"] == "openai"
+    assert raw.headers["x-gateway-model"] == "openai/gpt-4o"
     assert raw.headers["server-timing"].startswith("gateway;dur=")
     assert ", upstream;dur=" in raw.headers["server-timing"]
 
@@ -240,22 +246,98 @@ async def test_stream_idle_mid_stream_is_cut_with_an_error_event(make_gateway: M
     assert record.outcome == "upstream_timeout" and record.stream
 
 
-async def test_first_token_timeout(make_gateway: MakeGateway) -> None:
-    gateway = await make_gateway(server="retries = 0\nrequest_timeout = 0.4\nidle_timeout = 10")
+async def headers_then_silence(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
+    """An upstream that accepts a stream and never sends its first event."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await asyncio.sleep(30)
+    return response
 
-    async def headers_then_silence(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await asyncio.sleep(30)
-        return response
 
+def events_of(raw: bytes) -> list[bytes]:
+    return [e for e in raw.split(b"\n\n") if e]
+
+
+async def test_no_first_token_falls_back_before_anything_is_sent(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway(
+        extra=FALLBACK, server="retries = 0\nfirst_token_timeout = 0.3\nrequest_timeout = 5"
+    )
+    gateway.fake.next_behaviour(headers_then_silence)
+    started = time.monotonic()
+    raw = await gateway.aclient().chat.completions.with_raw_response.create(
+        model="resilient", messages=MESSAGES, stream=True
+    )
+    chunks = [c async for c in raw.parse()]
+    assert time.monotonic() - started < 3
+    assert raw.headers["x-gateway-provider"] == "anthropic"
+    assert raw.headers["x-gateway-model"] == "anthropic/claude-haiku"
+    assert {c.model for c in chunks} == {"anthropic/claude-haiku"}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert (len(gateway.fake.requests), len(gateway.anthropic.requests)) == (1, 1)
+    [record] = await gateway.records()
+    assert (record.status, record.outcome, record.provider) == (200, "ok", "anthropic")
+
+
+async def test_no_first_token_anywhere_is_a_504_response(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(
+        server="retries = 1\nretry_backoff = 0.01\nfirst_token_timeout = 0.3\nrequest_timeout = 5"
+    )
+    gateway.fake.next_behaviour(headers_then_silence)
     gateway.fake.next_behaviour(headers_then_silence)
     status, raw = await post_raw(
         gateway, {"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True}
     )
-    assert status == 200
-    assert b'"code":"upstream_timeout"' in raw
-    assert b"no first token" in raw
+    assert status == 504, raw  # nothing had been sent: a real HTTP error, not 200 + event
+    error = json.loads(raw)["error"]
+    assert error["code"] == "upstream_timeout"
+    assert "no first token within 0.3 s" in error["message"]
+    assert len(gateway.fake.requests) == 2  # the silent attempt was retried
+    [record] = await gateway.records()
+    assert (record.status, record.outcome) == (504, "upstream_timeout")
+
+
+async def test_no_first_token_after_keep_alives_is_one_error_event(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway(
+        server="retries = 0\nkeepalive_interval = 0.1\nfirst_token_timeout = 0.45"
+    )
+    gateway.fake.next_behaviour(headers_then_silence)
+    status, raw = await post_raw(
+        gateway, {"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True}
+    )
+    assert status == 200  # keep-alives had committed the headers
+    events = events_of(raw)
+    assert events[0] == b": keep-alive"
+    assert [e for e in events if e != b": keep-alive"] == [events[-1]]
+    error = json.loads(events[-1].removeprefix(b"data: "))["error"]
+    assert error["code"] == "upstream_timeout"
+    assert "no first token" in error["message"]
+    [record] = await gateway.records()
+    assert (record.status, record.outcome) == (200, "upstream_timeout")
+
+
+async def test_keep_alives_then_fallback_name_the_serving_model_in_the_chunks(
+    make_gateway: MakeGateway,
+) -> None:
+    # Once keep-alives went out, the headers were sent before anyone answered: they do not
+    # name a provider (they would name the wrong one); each chunk's `model` names the one.
+    gateway = await make_gateway(
+        extra=FALLBACK,
+        server="retries = 0\nkeepalive_interval = 0.1\nfirst_token_timeout = 0.35",
+    )
+    gateway.fake.next_behaviour(headers_then_silence)
+    raw = await gateway.aclient().chat.completions.with_raw_response.create(
+        model="resilient", messages=MESSAGES, stream=True
+    )
+    chunks = [c async for c in raw.parse()]
+    assert "x-gateway-provider" not in raw.headers
+    assert "x-gateway-model" not in raw.headers
+    assert chunks and {c.model for c in chunks} == {"anthropic/claude-haiku"}
+    [record] = await gateway.records()
+    assert (record.outcome, record.provider) == ("ok", "anthropic")
 
 
 async def test_keep_alive_while_the_upstream_thinks(make_gateway: MakeGateway) -> None:
@@ -351,13 +433,187 @@ async def test_client_disconnect_cancels_the_upstream(make_gateway: MakeGateway)
     assert record.stream
 
 
-async def test_malformed_upstream_sse_is_an_error_event(gateway: Gateway) -> None:
+async def test_malformed_first_event_is_a_502_response(gateway: Gateway) -> None:
     gateway.fake.next_stream(events=[b"data: {not json}\n\n"])
     status, raw = await post_raw(
         gateway, {"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True}
     )
+    assert status == 502
+    assert json.loads(raw)["error"]["code"] == "upstream_invalid_response"
+
+
+async def test_malformed_event_mid_stream_is_an_error_event(gateway: Gateway) -> None:
+    events = sse_events(fixture_bytes("openai/chat-stream-text.sse"))
+    gateway.fake.next_stream(events=[*events[:2], b"data: {not json}\n\n"])
+    status, raw = await post_raw(
+        gateway, {"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True}
+    )
     assert status == 200
-    assert b'"code":"upstream_invalid_response"' in raw
+    out = events_of(raw)
+    assert len(out) == 3
+    assert all(b'"object":"chat.completion.chunk"' in e for e in out[:2])
+    assert json.loads(out[-1].removeprefix(b"data: "))["error"]["code"] == (
+        "upstream_invalid_response"
+    )
+
+
+OPENAI_STREAM_ERROR = b'data: {"error": {"message": "The server had an error", "type": "server_error", "param": null, "code": null}}\n\n'
+
+
+async def test_stream_opening_with_an_error_event_is_retried(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(server=RETRYING)
+    gateway.fake.next_stream(events=[OPENAI_STREAM_ERROR])
+    stream = await gateway.aclient().chat.completions.create(
+        model="openai/gpt-4o", messages=MESSAGES, stream=True
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == "The capital of the UK is London."  # the next attempt's answer
+    assert len(gateway.fake.requests) == 2
+    [record] = await gateway.records()
+    assert (record.status, record.outcome) == (200, "ok")
+
+
+async def test_anthropic_stream_opening_overloaded_falls_back(make_gateway: MakeGateway) -> None:
+    extra = """
+[aliases.claude-first]
+models = ["anthropic/claude-haiku", "openai/gpt-4o"]
+"""
+    gateway = await make_gateway(extra=extra, server=RETRYING)
+    message_start = sse_events(fixture_bytes("anthropic/stream-text-basic.sse"))[0]
+    overloaded = b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}\n\n'
+    for _ in range(3):
+        gateway.anthropic.next_stream(events=[message_start, overloaded])
+    raw = await gateway.aclient().chat.completions.with_raw_response.create(
+        model="claude-first", messages=MESSAGES, stream=True
+    )
+    chunks = [c async for c in raw.parse()]
+    assert {c.model for c in chunks} == {"openai/gpt-4o"}
+    assert raw.headers["x-gateway-model"] == "openai/gpt-4o"
+    assert (len(gateway.anthropic.requests), len(gateway.fake.requests)) == (3, 1)
+
+
+@pytest.mark.parametrize(
+    ("model", "event", "status", "code"),
+    [
+        (
+            "anthropic/claude-haiku",
+            b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}\n\n',
+            503,
+            "service_unavailable",
+        ),
+        (
+            "anthropic/claude-haiku",
+            b'event: error\ndata: {"type": "error", "error": {"type": "rate_limit_error", "message": "Slow down"}}\n\n',
+            429,
+            "rate_limit_exceeded",
+        ),
+        ("openai/gpt-4o", OPENAI_STREAM_ERROR, 502, None),
+    ],
+)
+async def test_stream_whose_first_event_is_an_error_gets_that_status(
+    gateway: Gateway, model: str, event: bytes, status: int, code: str | None
+) -> None:
+    fake = gateway.anthropic if model.startswith("anthropic") else gateway.fake
+    fake.next_stream(events=[event])
+    got, raw = await post_raw(gateway, {"model": model, "messages": MESSAGES, "stream": True})
+    assert got == status, raw  # a real HTTP error the SDKs retry or raise on, not 200 + event
+    error = json.loads(raw)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    if code is not None:
+        assert error["code"] == code
+    [record] = await gateway.records()
+    assert record.status == status
+
+
+async def test_disconnect_before_the_first_output_is_retried(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(server=RETRYING)
+    # message_start and content_block_start carry nothing for the client yet
+    gateway.anthropic.next_stream("anthropic/stream-text-basic.sse", cut_after=2)
+    stream = await gateway.aclient().chat.completions.create(
+        model="anthropic/claude-haiku", messages=MESSAGES, stream=True
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == "Hello there!"
+    assert len(gateway.anthropic.requests) == 2
+
+
+async def test_deadline_bounds_retries_and_fallbacks(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(
+        extra=FALLBACK, server="request_timeout = 0.6\nretries = 5\nretry_backoff = 0.01"
+    )
+    for _ in range(6):
+        gateway.fake.next_hang()
+        gateway.anthropic.next_hang()
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as caught:
+        await gateway.aclient().chat.completions.create(model="resilient", messages=MESSAGES)
+    took = time.monotonic() - started
+    assert 0.5 < took < 1.5, took  # one deadline, not one per attempt or per deployment
+    assert caught.value.status_code == 504
+    assert caught.value.code == "upstream_timeout"
+    assert (len(gateway.fake.requests), len(gateway.anthropic.requests)) == (1, 0)
+    [record] = await gateway.records()
+    assert (record.status, record.outcome) == (504, "upstream_timeout")
+
+
+async def test_retry_after_waits_stop_at_the_deadline(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(server="request_timeout = 1.5\nretries = 5\nretry_backoff = 0.01")
+    for _ in range(6):
+        gateway.fake.next_json(503, OVERLOADED, headers={"Retry-After": "1"})
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as caught:
+        await gateway.aclient().chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    took = time.monotonic() - started
+    # waited once (1 s); a second wait would have ended past the deadline: the upstream's
+    # own answer, with its Retry-After, goes to the client at once
+    assert 0.9 < took < 1.5, took
+    assert caught.value.status_code == 503
+    assert caught.value.response.headers["retry-after"] == "1"
+    assert len(gateway.fake.requests) == 2
+
+
+async def test_stream_deadline_after_keep_alives_is_an_error_event(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway(
+        server="request_timeout = 0.6\nretries = 3\nretry_backoff = 0.01\nkeepalive_interval = 0.1"
+    )
+    for _ in range(4):
+        gateway.fake.next_hang()
+    started = time.monotonic()
+    status, raw = await post_raw(
+        gateway, {"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True}
+    )
+    assert time.monotonic() - started < 1.5
+    assert status == 200
+    events = events_of(raw)
+    assert events[0] == b": keep-alive"
+    error = json.loads(events[-1].removeprefix(b"data: "))["error"]
+    assert error["code"] == "upstream_timeout"
+    assert "request timeout (0.6 s)" in error["message"]
+    assert len(gateway.fake.requests) == 1
+
+
+def test_parse_retry_after_reads_seconds_and_http_dates() -> None:
+    now = 1445412470.0  # Wed, 21 Oct 2015 07:27:50 GMT
+    assert parse_retry_after("3", now) == 3.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now) == 10.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT", now) == 0.0  # past: at once
+    for bad in (None, "", "-1", "soon", "nan", "inf"):
+        assert parse_retry_after(bad, now) is None
+
+
+async def test_retry_after_as_an_http_date_is_honoured(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(server=RETRYING)
+    when = formatdate(time.time() + 2, usegmt=True)  # a whole second, 1 to 2 s from now
+    gateway.fake.next_json(429, OVERLOADED, headers={"Retry-After": when})
+    started = time.monotonic()
+    answer = await gateway.aclient().chat.completions.create(
+        model="openai/gpt-4o", messages=MESSAGES
+    )
+    assert time.monotonic() - started >= 0.9
+    assert answer.choices[0].message.content
+    assert len(gateway.fake.requests) == 2
 
 
 async def test_anthropic_overloaded_then_fallback_is_recorded(make_gateway: MakeGateway) -> None:
@@ -374,3 +630,61 @@ models = ["anthropic/claude-haiku", "openai/gpt-4o"]
     )
     assert answer.model == "openai/gpt-4o"
     assert len(gateway.anthropic.requests) == 3
+
+
+@pytest.mark.parametrize("trickle", [False, True])
+async def test_a_stalled_or_trickled_body_gets_408(
+    make_gateway: MakeGateway, trickle: bool
+) -> None:
+    gateway = await make_gateway(server="request_timeout = 5\nretries = 0\nbody_timeout = 0.5")
+    url = gateway.server.make_url("/")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {CLIENT_KEY}\r\nContent-Length: 1000\r\n\r\n"
+    )
+    writer.write(head.encode() + b'{"model": ')
+    started = time.monotonic()
+
+    async def trickling() -> None:
+        while trickle:
+            await asyncio.sleep(0.1)
+            writer.write(b" ")
+
+    dripping = asyncio.ensure_future(trickling())
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), timeout=5)
+        took = time.monotonic() - started
+        rest = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        length = int(rest.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(length)
+    finally:
+        dripping.cancel()
+        writer.close()
+    assert status_line.startswith(b"HTTP/1.1 408"), status_line
+    assert 0.4 < took < 2, took
+    assert b"connection: close" in rest.lower()
+    error = json.loads(body)["error"]
+    assert (error["code"], error["type"]) == ("request_timeout", "invalid_request_error")
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+async def test_a_providers_request_timeout_sets_the_deadline(
+    make_gateway: MakeGateway, fakes: Fakes, tmp_path: Any
+) -> None:
+    toml = gateway_toml(
+        fakes.urls,
+        server="request_timeout = 30\nretries = 3\nretry_backoff = 0.01",
+        db=str(tmp_path / "override.db"),
+    ).replace('kind = "openai"\n', 'kind = "openai"\nrequest_timeout = 0.5\n', 1)
+    gateway = await make_gateway(toml=toml)
+    for _ in range(4):
+        gateway.fake.next_hang()
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as caught:
+        await gateway.aclient().chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    assert time.monotonic() - started < 1.5
+    assert caught.value.status_code == 504
+    assert caught.value.code == "upstream_timeout"
+    assert "0.5 s" in caught.value.message  # the provider's timeout, not the server's 30 s
+    assert len(gateway.fake.requests) == 1
