@@ -118,7 +118,11 @@ def chat_request(body: JSONObject) -> ChatCompletionRequest:
         )
     for i, message in enumerate(messages):
         # the common case, checked first and cheaply
-        if type(message) is dict and message.get("role") in MESSAGE_ROLES:
+        if (
+            type(message) is dict
+            and type(role := message.get("role")) is str
+            and role in MESSAGE_ROLES
+        ):
             content = message.get("content")
             if content is None or type(content) is str or type(content) is list:
                 continue
