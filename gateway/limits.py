@@ -499,8 +499,8 @@ class Limiter:
     ) -> Ticket:
         """Reserve one request and its estimated tokens and cost against every limit, or raise.
 
-        Raises `RateLimited` (bucket, or quota held by requests in flight) or `QuotaExceeded`
-        (daily requests or tokens, or budget, used up); both carry the X-RateLimit-* headers
+        Raises `RateLimited` (a bucket) or `QuotaExceeded` (daily requests or tokens, or
+        budget, used up or held by requests in flight); both carry the X-RateLimit-* headers
         and Retry-After. Nothing is taken when a limit refuses.
         """
         now = self._clock()
@@ -685,8 +685,10 @@ class Limiter:
             worst = _Failure(_EPS, False, "Rate limit reached. Please try again in 1s.")
         headers = _rate_headers(*req, *tok)
         if worst.wait is None:
-            # no wait helps; the openai SDKs obey this header and do not retry
+            # No wait helps; the openai SDKs obey this header and do not retry. Retry-After
+            # still says when the key's day begins again, as every 429 carries one.
             headers["x-should-retry"] = "false"
+            headers["Retry-After"] = str(max(1, _whole_seconds(day_left)))
         else:
             headers["Retry-After"] = str(max(1, _whole_seconds(worst.wait)))
         if worst.quota:
@@ -942,12 +944,13 @@ def _quota_failure(
         message = f"This request needs up to {requested:.6g}, more than the {what} of {limit:.6g}."
         return _Failure(None, True, message)
     if used + requested <= limit * _COST_SLACK:
-        # there is room once requests in flight settle below their reservations
+        # The quota is spoken for, though not yet used: there may be room once requests in
+        # flight settle below their reservations. Still a quota, not a rate, that refuses.
         message = (
-            f"Rate limit reached for the {what}: requests in flight hold {held:.6g} of the "
+            f"You exceeded your {what}: requests in flight hold {held:.6g} of the "
             f"{limit - used:.6g} left. Please try again in 1s."
         )
-        return _Failure(_IN_FLIGHT_WAIT, False, message)
+        return _Failure(_IN_FLIGHT_WAIT, True, message)
     resets = "It does not reset." if left is None else f"It resets in {go_duration(left)}."
     message = (
         f"You exceeded your {what}: limit {limit:.6g}, used {used:.6g}, "

@@ -286,8 +286,9 @@ def test_daily_budget_resets_daily_and_total_budget_never() -> None:
     clock.advance(40 * 86400)
     err = refused(limiter, total, cost=0.1)
     assert isinstance(err, QuotaExceeded)
-    assert "Retry-After" not in err.headers  # no wait helps, so none is promised
-    assert err.headers["x-should-retry"] == "false"
+    assert err.headers["x-should-retry"] == "false"  # no wait helps
+    # every 429 carries Retry-After; without a period, it is the key's next day
+    assert err.headers["Retry-After"] == str(12 * 3600)
     assert limiter.period_start("total") is None
 
 
@@ -319,8 +320,11 @@ def test_settle_after_an_over_estimate_releases_the_rest() -> None:
     limits = EffectiveLimits(tokens_per_day=1000)
     ticket = admit(limiter, limits, tokens=900)
     err = refused(limiter, limits, tokens=200)
-    assert isinstance(err, RateLimited)  # held by a request in flight, not used up
+    # held by a request in flight, not yet used up: still the quota that refuses
+    assert isinstance(err, QuotaExceeded)
+    assert (err.type, err.code) == ("insufficient_quota", "insufficient_quota")
     assert err.headers["Retry-After"] == "1"
+    assert "in flight" in err.message
     ticket.settle(100, 0.0)
     assert passes(limiter, limits, tokens=900)
     assert not passes(limiter, limits, tokens=901)
@@ -343,15 +347,17 @@ def test_concurrent_admissions_cannot_overshoot_a_quota() -> None:
     for _ in range(50):  # all in flight at once: none settles in between
         try:
             tickets.append(admit(limiter, limits, tokens=100))
-        except RateLimited as e:
+        except QuotaExceeded as e:
             errors.append(e)
     assert len(tickets) == 10
     assert len(errors) == 40
-    assert all(e.code == "rate_limit_exceeded" and e.headers["Retry-After"] == "1" for e in errors)
+    # held by requests in flight: insufficient_quota, to be tried again once they settle
+    assert all(e.code == "insufficient_quota" and e.headers["Retry-After"] == "1" for e in errors)
     for t in tickets:
         t.settle(100, 0.0)
     err = refused(limiter, limits, tokens=100)
-    assert isinstance(err, QuotaExceeded)  # now it is used up
+    assert isinstance(err, QuotaExceeded)  # now it is used up: until the daily reset
+    assert err.headers["Retry-After"] == str(12 * 3600)
 
     limiter, _ = make()
     budget = EffectiveLimits(budget=1.0, budget_period="day")
@@ -539,8 +545,9 @@ def test_refusals_carry_the_headers_and_the_real_retry_after() -> None:
     assert err.headers["X-RateLimit-Remaining-Requests"] == "59"
 
     err = refused(limiter, EffectiveLimits(tokens_per_day=1000), key="fresh", tokens=1001)
-    assert "Retry-After" not in err.headers  # larger than the whole quota: never passes
-    assert err.headers["x-should-retry"] == "false"
+    assert isinstance(err, QuotaExceeded)
+    assert err.headers["x-should-retry"] == "false"  # larger than the whole quota: never passes
+    assert err.headers["Retry-After"] == str(12 * 3600)  # yet every 429 says when to ask
 
 
 def test_the_longest_wait_decides_the_error_and_retry_after() -> None:
