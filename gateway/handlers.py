@@ -337,21 +337,27 @@ async def admit(
 ) -> None:
     """Reserve the request's estimated tokens and cost against the key's limits, or raise 429.
 
-    The estimate is the body's size in bytes / 4 for the input and ``max_tokens`` (else the
-    model's cap, else DEFAULT_OUTPUT_RESERVATION) for a chat answer.
+    The estimate is the body's size in bytes / 4 for the input and, for a chat answer,
+    ``max_tokens`` (else the model's cap, else DEFAULT_OUTPUT_RESERVATION) for each of its
+    ``n`` choices.
     """
     exchange = request[EXCHANGE]
-    if route is not None:
-        exchange.model = route.requested
-    prompt = (request.content_length or 0) // 4
-    output = 0
+    prompt = output = 0
     cost = 0.0
     if route is not None:
+        exchange.model = route.requested
+        # the body as read, not Content-Length, which a chunked request does not send;
+        # aiohttp keeps the bytes that read_json read, so nothing is read twice
+        prompt = len(await request.read()) // 4
         model = route.deployments[0].model
         if endpoint == "chat":
             asked = body.get("max_completion_tokens") or body.get("max_tokens")
-            cap = model.max_tokens or DEFAULT_OUTPUT_RESERVATION
-            output = asked if isinstance(asked, int) else cap
+            output = (
+                asked if isinstance(asked, int) else model.max_tokens or DEFAULT_OUTPUT_RESERVATION
+            )
+            choices = body.get("n")
+            if isinstance(choices, int) and choices > 1:
+                output *= choices
         cost = cost_of(model, Usage(prompt_tokens=prompt, completion_tokens=output))
     exchange.prompt_estimate = prompt
     limiter_class = endpoint if endpoint in ("chat", "embeddings") else "standard"

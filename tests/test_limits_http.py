@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,26 @@ async def chat(
 
 
 Result = tuple[int, dict[str, Any], Any]
+
+
+async def chat_chunked(gateway: Gateway, key: str, body: bytes) -> Result:
+    """POST a chat body with Transfer-Encoding: chunked, so without Content-Length."""
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 16):
+            yield body[start : start + 16]
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gateway.base_url + "/chat/completions",
+            data=pieces(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        ) as resp,
+    ):
+        assert resp.request_info.headers.get("Transfer-Encoding") == "chunked"
+        body_out = await resp.json() if resp.content_type == "application/json" else {}
+        return resp.status, body_out, resp.headers
 
 
 async def all_admitted_first(
@@ -299,6 +319,37 @@ async def test_standard_endpoints_have_their_own_bucket(
                 statuses.append(r.status)
     assert statuses == [200, 429]
     assert (await chat(gateway, LIMITED))[0] == 200  # chat has its own bucket
+
+
+async def test_chunked_bodies_reserve_their_size_against_the_quota(
+    make_gateway: MakeGateway,
+) -> None:
+    body = json.dumps({"model": "openai/gpt-4o", "messages": MESSAGES, "max_tokens": 40}).encode()
+    estimate = len(body) // 4 + 40  # what admission must reserve, Content-Length or not
+    quota = 10 * estimate + estimate // 2  # room for exactly 10 reservations
+    gateway = await make_gateway(extra=keys(f"tokens_per_day = {quota}"))
+
+    requests = [chat_chunked(gateway, LIMITED, body) for _ in range(50)]
+    results = await all_admitted_first(gateway, requests)
+    admitted = [r for r in results if r[0] == 200]
+    assert len(admitted) == 10
+    assert len(admitted) * estimate <= quota  # the reservations never exceeded the quota
+    assert {r[1]["error"]["code"] for r in results if r[0] != 200} == {"insufficient_quota"}
+    remaining = {int(r[2]["X-RateLimit-Remaining-Tokens"]) for r in admitted}
+    assert min(remaining) == quota - 10 * estimate
+
+
+async def test_n_choices_reserve_n_times_the_output(make_gateway: MakeGateway) -> None:
+    one = {"model": "openai/gpt-4o", "messages": MESSAGES, "max_tokens": 40}
+    prompt = len(json.dumps({**one, "n": 3}).encode()) // 4
+    estimate = prompt + 3 * 40
+    quota = 3 * estimate + estimate // 2  # room for 3 answers of three choices (9 of one)
+    gateway = await make_gateway(extra=keys(f"tokens_per_day = {quota}"))
+
+    requests = [chat(gateway, LIMITED, max_tokens=40, n=3) for _ in range(10)]
+    results = await all_admitted_first(gateway, requests)
+    assert [r[0] for r in results].count(200) == 3
+    assert {r[1]["error"]["code"] for r in results if r[0] == 429} == {"insufficient_quota"}
 
 
 async def test_quota_429s_say_when_the_quota_comes_back(make_gateway: MakeGateway) -> None:
