@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from gateway.auth import hash_key, new_key
+from gateway.limits import Limiter
 
 from .conftest import CLIENT_KEY, Fakes, Gateway, MakeGateway, gateway_toml
 from .fakes.base import event_data, fixture_bytes, sse_events
@@ -103,8 +104,30 @@ async def all_admitted_first(
     return list(await asyncio.gather(*tasks))
 
 
+class StoppedClock:
+    """The limiter's monotonic clock, stopped until `start`: requests made while it is stopped
+    all happen at one instant, however long the machine takes to serve them."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+        self.since: float | None = None
+
+    def __call__(self) -> float:
+        return self.at if self.since is None else self.at + time.monotonic() - self.since
+
+    def start(self) -> None:
+        self.since = time.monotonic()
+
+
+def stop_clock(gateway: Gateway) -> StoppedClock:
+    clock = StoppedClock()
+    gateway.state.limiter = Limiter(gateway.state.config.limits, clock=clock)
+    return clock
+
+
 async def test_n_plus_one_requests_give_one_429_with_headers(make_gateway: MakeGateway) -> None:
     gateway = await make_gateway(extra=keys("chat_per_minute = 3"))
+    stop_clock(gateway)  # the four requests come at one instant: exact numbers, no races
     results = [await chat(gateway, LIMITED) for _ in range(4)]
     assert [status for status, _, _ in results] == [200, 200, 200, 429]
     _, _, first = results[0]
@@ -113,13 +136,15 @@ async def test_n_plus_one_requests_give_one_429_with_headers(make_gateway: MakeG
     assert first["X-RateLimit-Reset-Requests"] == "20s"
     assert first["X-RateLimit-Limit"] == "3"
     assert first["X-RateLimit-Remaining"] == "2"
-    assert int(first["X-RateLimit-Reset"]) in (19, 20)
+    assert first["X-RateLimit-Reset"] == "20"
     assert results[2][2]["X-RateLimit-Remaining-Requests"] == "0"
+    assert results[2][2]["X-RateLimit-Reset-Requests"] == "1m0s"
     _status, body, headers = results[3]
     assert body["error"]["code"] == "rate_limit_exceeded"
     assert body["error"]["type"] == "rate_limit_error"
-    assert int(headers["Retry-After"]) in (19, 20)
+    assert headers["Retry-After"] == "20"  # until one request's worth has refilled
     assert headers["X-RateLimit-Remaining-Requests"] == "0"
+    assert headers["X-RateLimit-Reset-Requests"] == "1m0s"
     # the refused request was never sent upstream, and is not billed
     assert len(gateway.fake.requests) == 3
     assert len(await gateway.records()) == 3
@@ -156,13 +181,19 @@ async def test_forwarded_for_from_an_untrusted_peer_is_ignored(make_gateway: Mak
 
 async def test_sdk_retry_waits_for_retry_after(make_gateway: MakeGateway) -> None:
     gateway = await make_gateway(extra=keys("chat_per_minute = 60"))
-    client = gateway.aclient(key=LIMITED, max_retries=2)
+    clock = stop_clock(gateway)  # the 60 requests empty the bucket however long they take
+    client = gateway.aclient(key=LIMITED, max_retries=1)
     for _ in range(60):
         await client.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    clock.start()
     started = time.monotonic()
+    # refused once with Retry-After: 1 (one request's worth of refill), then served
     answer = await client.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    elapsed = time.monotonic() - started
     assert answer.choices[0].message.content
-    assert time.monotonic() - started >= 0.9  # one request's worth of refill: 1 s
+    assert gateway.state.metrics.rejections.values == {("rate_limit_exceeded",): 1.0}
+    assert len(gateway.fake.requests) == 61
+    assert elapsed >= 1.0  # the SDK waited what Retry-After said before trying again
 
 
 async def test_token_quota_counts_real_usage_and_says_insufficient_quota(
