@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -381,6 +382,35 @@ async def test_n_choices_reserve_n_times_the_output(make_gateway: MakeGateway) -
     results = await all_admitted_first(gateway, requests)
     assert [r[0] for r in results].count(200) == 3
     assert {r[1]["error"]["code"] for r in results if r[0] == 429} == {"insufficient_quota"}
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "lowest", "highest"),
+    [
+        ("7", 7, 7),
+        ("1.2", 2, 2),  # whole seconds, rounded up
+        ("0", 1, 1),  # never less than 1
+        (None, 1, 1),  # an upstream 429 without one still says when
+        ("soon", 1, 1),
+        ("http-date", 100, 121),  # an HTTP date, about 2 minutes ahead
+    ],
+)
+async def test_upstream_429s_carry_retry_after_in_whole_seconds(
+    make_gateway: MakeGateway, retry_after: str | None, lowest: int, highest: int
+) -> None:
+    gateway = await make_gateway(extra=keys("chat_per_minute = 5"))
+    if retry_after == "http-date":
+        retry_after = email.utils.formatdate(time.time() + 120, usegmt=True)
+    gateway.fake.next_json(
+        429,
+        {"error": {"message": "Slow down", "type": "requests", "code": "rate_limit_exceeded"}},
+        headers={"Retry-After": retry_after} if retry_after is not None else None,
+    )
+    status, body, headers = await chat(gateway, LIMITED)
+    assert status == 429
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert lowest <= int(headers["Retry-After"]) <= highest
+    assert headers["X-RateLimit-Limit-Requests"] == "5"  # the key's own limits, as ever
 
 
 async def test_quota_429s_say_when_the_quota_comes_back(make_gateway: MakeGateway) -> None:
