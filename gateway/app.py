@@ -244,6 +244,8 @@ async def _add_headers(request: web.Request, response: web.StreamResponse) -> No
         headers.update(ticket.headers)
         if ticket.warning:
             headers["X-Gateway-Warning"] = ticket.warning
+    elif exchange.limits is not None:
+        headers.update(handlers.unadmitted_headers(request, exchange))
     if exchange.deployment is not None:
         headers["X-Gateway-Provider"] = exchange.deployment.provider.name
     # the gateway's own time and the upstream's, so that operators can see the overhead

@@ -15,7 +15,7 @@ from .translate.base import Usage
 
 if TYPE_CHECKING:
     from .errors import GatewayError
-    from .limits import Admission
+    from .limits import Admission, EffectiveLimits
     from .router import Deployment
     from .runtime import Runtime
 
@@ -31,6 +31,7 @@ class Exchange:
         "fallbacks",
         "first_byte_at",
         "key_id",
+        "limits",
         "model",
         "prompt_estimate",
         "refused",
@@ -55,6 +56,7 @@ class Exchange:
         self.endpoint = ""
         self.stream = False
         self.key_id = ""
+        self.limits: EffectiveLimits | None = None  # the key's, once authenticated
         self.model = ""  # as the client asked for it
         self.deployment: Deployment | None = None  # the one that served, or was tried last
         self.status = 0

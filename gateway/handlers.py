@@ -30,6 +30,7 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .exchange import EXCHANGE, Exchange
+from .limits import EndpointClass
 from .metrics import Metrics
 from .resilience import Breaker, parse_retry_after, weighted_order
 from .runtime import STATE, Runtime
@@ -360,7 +361,7 @@ async def admit(
                 output *= choices
         cost = cost_of(model, Usage(prompt_tokens=prompt, completion_tokens=output))
     exchange.prompt_estimate = prompt
-    limiter_class = endpoint if endpoint in ("chat", "embeddings") else "standard"
+    limiter_class = endpoint_class(endpoint)
     state = request.app[STATE]
     try:
         if state.cluster is None:
@@ -368,7 +369,7 @@ async def admit(
                 principal.key_id,
                 principal.limits,
                 exchange.client_ip,
-                limiter_class,  # type: ignore[arg-type]
+                limiter_class,
                 prompt + output,
                 cost,
             )
@@ -377,13 +378,33 @@ async def admit(
                 principal.key_id,
                 principal.limits,
                 exchange.client_ip,
-                limiter_class,  # type: ignore[arg-type]
+                limiter_class,
                 prompt + output,
                 cost,
             )
     except GatewayError:
         exchange.refused = True
         raise
+
+
+def endpoint_class(endpoint: str) -> EndpointClass:
+    """The limiter's bucket for an endpoint: chat, embeddings, or standard for the rest."""
+    if endpoint == "chat":
+        return "chat"
+    if endpoint == "embeddings":
+        return "embeddings"
+    return "standard"
+
+
+def unadmitted_headers(request: web.Request, exchange: Exchange) -> dict[str, str]:
+    """X-RateLimit-* headers for a known key's request that ended before admission (a 400, a
+    404), as they stand; none in a fleet, whose counters are in Redis."""
+    state = request.app[STATE]
+    if exchange.limits is None or exchange.refused or state.cluster is not None:
+        return {}
+    return state.limiter.peek(
+        exchange.key_id, exchange.limits, exchange.client_ip, endpoint_class(exchange.endpoint)
+    )
 
 
 def parse_period(query: Mapping[str, str], now: float | None = None) -> tuple[date, date]:
@@ -412,6 +433,7 @@ def authenticate(request: web.Request) -> tuple[Runtime, Principal]:
     rt = exchange.runtime
     principal = rt.keys.authenticate(request.headers)
     exchange.key_id = principal.key_id
+    exchange.limits = principal.limits
     return rt, principal
 
 

@@ -512,6 +512,77 @@ def test_tokens_headers_fall_back_to_the_daily_quota_and_unlimited_families_are_
     assert headers == {}  # the chat bucket of this key is unlimited
 
 
+def test_headers_describe_the_limit_with_the_fewest_left_in_each_family() -> None:
+    limiter, _ = make(ip_chat_per_minute=10)
+    limits = EffectiveLimits(
+        chat_per_minute=60, requests_per_day=12, tokens_per_minute=10_000, tokens_per_day=2_500
+    )
+    headers = admit(limiter, limits, ip="198.51.100.1", tokens=1000).headers
+    # requests: key 59 left, IP 9, day 11: the IP's bucket; tokens: minute 9000, day 1500
+    assert headers == {
+        "X-RateLimit-Limit-Requests": "10",
+        "X-RateLimit-Remaining-Requests": "9",
+        "X-RateLimit-Reset-Requests": "6s",
+        "X-RateLimit-Limit-Tokens": "2500",
+        "X-RateLimit-Remaining-Tokens": "1500",
+        "X-RateLimit-Reset-Tokens": "12h0m0s",
+        "X-RateLimit-Limit": "10",
+        "X-RateLimit-Remaining": "9",
+        "X-RateLimit-Reset": "6",
+    }
+    for n in range(2, 5):
+        headers = admit(limiter, limits, ip=f"198.51.100.{n}", tokens=0).headers
+    # key 56 left, each IP 9, day 8: the daily request quota
+    assert headers["X-RateLimit-Limit-Requests"] == "12"
+    assert headers["X-RateLimit-Remaining-Requests"] == "8"
+    assert headers["X-RateLimit-Reset-Requests"] == "12h0m0s"
+    assert headers["X-RateLimit-Reset"] == str(12 * 3600)
+
+    # a tie goes to the limit that takes longer to come back
+    limiter, _ = make()
+    tied = EffectiveLimits(chat_per_minute=1, requests_per_day=1)
+    headers = admit(limiter, tied).headers
+    assert headers["X-RateLimit-Remaining-Requests"] == "0"
+    assert headers["X-RateLimit-Limit-Requests"] == "1"
+    assert headers["X-RateLimit-Reset-Requests"] == "12h0m0s"
+
+    # a refusal reports the same way: here the per-IP bucket is what is used up
+    limiter, _ = make(ip_chat_per_minute=1)
+    admit(limiter, EffectiveLimits(chat_per_minute=60), key="a", ip="203.0.113.9")
+    err = refused(limiter, EffectiveLimits(chat_per_minute=60), key="b", ip="203.0.113.9")
+    assert err.headers["X-RateLimit-Limit-Requests"] == "1"
+    assert err.headers["X-RateLimit-Remaining-Requests"] == "0"
+
+
+def test_peek_reports_the_headers_and_takes_nothing() -> None:
+    limiter, clock = make(ip_chat_per_minute=100)
+    limits = EffectiveLimits(chat_per_minute=2, tokens_per_day=1000)
+    assert limiter.peek("k", limits, "198.51.100.1", "chat") == {
+        "X-RateLimit-Limit-Requests": "2",
+        "X-RateLimit-Remaining-Requests": "2",
+        "X-RateLimit-Reset-Requests": "0s",
+        "X-RateLimit-Limit-Tokens": "1000",
+        "X-RateLimit-Remaining-Tokens": "1000",
+        "X-RateLimit-Reset-Tokens": "12h0m0s",
+        "X-RateLimit-Limit": "2",
+        "X-RateLimit-Remaining": "2",
+        "X-RateLimit-Reset": "0",
+    }
+    admit(limiter, limits, ip="198.51.100.1", tokens=300)
+    clock.advance(10)
+    for _ in range(5):
+        headers = limiter.peek("k", limits, "198.51.100.1", "chat")
+    assert headers["X-RateLimit-Remaining-Requests"] == "1"
+    assert headers["X-RateLimit-Reset-Requests"] == "20s"
+    assert headers["X-RateLimit-Remaining-Tokens"] == "700"
+    assert passes_held(limiter, limits, ip="198.51.100.1", tokens=700)  # nothing was taken
+    assert limiter.peek("k", limits, None, "embeddings") == {
+        "X-RateLimit-Limit-Tokens": "1000",
+        "X-RateLimit-Remaining-Tokens": "0",
+        "X-RateLimit-Reset-Tokens": "11h59m50s",
+    }
+
+
 def test_refusals_carry_the_headers_and_the_real_retry_after() -> None:
     limiter, clock = make()
     limits = EffectiveLimits(chat_per_minute=60, tokens_per_day=10_000)

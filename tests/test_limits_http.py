@@ -384,6 +384,117 @@ async def test_n_choices_reserve_n_times_the_output(make_gateway: MakeGateway) -
     assert {r[1]["error"]["code"] for r in results if r[0] == 429} == {"insufficient_quota"}
 
 
+def assert_limit_headers(headers: Any, requests: tuple[str, str], tokens: tuple[str, str]) -> None:
+    """The X-RateLimit-* headers carry (limit, remaining) for requests and for tokens."""
+    assert (headers["X-RateLimit-Limit-Requests"], headers["X-RateLimit-Remaining-Requests"]) == (
+        requests
+    )
+    assert (headers["X-RateLimit-Limit"], headers["X-RateLimit-Remaining"]) == requests
+    assert headers["X-RateLimit-Reset-Requests"]
+    assert int(headers["X-RateLimit-Reset"]) >= 0
+    assert (headers["X-RateLimit-Limit-Tokens"], headers["X-RateLimit-Remaining-Tokens"]) == (
+        tokens
+    )
+    assert headers["X-RateLimit-Reset-Tokens"]
+
+
+async def test_every_answer_to_a_key_carries_the_rate_limit_headers(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway(extra=keys("chat_per_minute = 5\ntokens_per_day = 100000"))
+    stop_clock(gateway)
+    auth = {"Authorization": f"Bearer {LIMITED}"}
+    async with aiohttp.ClientSession() as session:
+        # refused before admission (a 400, a 404): nothing is taken, the headers still come
+        async with session.post(
+            gateway.base_url + "/chat/completions", json={"model": "openai/gpt-4o"}, headers=auth
+        ) as r:
+            assert r.status == 400
+            assert_limit_headers(r.headers, ("5", "5"), ("100000", "100000"))
+        async with session.post(
+            gateway.base_url + "/chat/completions",
+            json={"model": "openai/nope", "messages": MESSAGES},
+            headers=auth,
+        ) as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["code"] == "model_not_found"
+            assert_limit_headers(r.headers, ("5", "5"), ("100000", "100000"))
+        async with session.post(
+            gateway.base_url + "/chat/completions",
+            data=b"{not json",
+            headers={**auth, "Content-Type": "application/json"},
+        ) as r:
+            assert r.status == 400
+            assert_limit_headers(r.headers, ("5", "5"), ("100000", "100000"))
+
+    # an upstream error, after admission
+    gateway.fake.next_json(500, {"error": {"message": "boom", "type": "server_error"}})
+    status, _, headers = await chat(gateway, LIMITED)
+    assert status == 502
+    assert headers["X-RateLimit-Remaining-Requests"] == "4"
+    assert headers["X-RateLimit-Limit-Tokens"] == "100000"
+
+    # a stream
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gateway.base_url + "/chat/completions",
+            json={"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True},
+            headers=auth,
+        ) as r,
+    ):
+        assert r.status == 200
+        assert r.content_type == "text/event-stream"
+        assert r.headers["X-RateLimit-Remaining-Requests"] == "3"
+        assert r.headers["X-RateLimit-Limit-Tokens"] == "100000"
+        await r.read()
+
+    for _ in range(3):
+        assert (await chat(gateway, LIMITED))[0] == 200
+    status, _, headers = await chat(gateway, LIMITED)  # and a 429
+    assert status == 429
+    assert headers["X-RateLimit-Remaining-Requests"] == "0"
+    assert headers["X-RateLimit-Limit-Tokens"] == "100000"
+    assert headers["Retry-After"] == "12"
+
+
+async def test_headers_name_the_most_constraining_limit(make_gateway: MakeGateway) -> None:
+    extra = (
+        keys("chat_per_minute = 10", tier="small")
+        + """
+[tiers.small]
+requests_per_day = 3
+tokens_per_day = 100000
+
+[limits]
+ip_chat_per_minute = 2
+trusted_proxies = ["127.0.0.1"]
+"""
+    )
+    gateway = await make_gateway(extra=extra)
+    stop_clock(gateway)
+    # key bucket 9 left, the IP's 1, the tier's day 2: the IP's bucket
+    _, _, headers = await chat(gateway, LIMITED, {"X-Forwarded-For": "10.0.0.1"})
+    assert (headers["X-RateLimit-Limit-Requests"], headers["X-RateLimit-Remaining-Requests"]) == (
+        "2",
+        "1",
+    )
+    assert headers["X-RateLimit-Reset-Requests"] == "30s"
+    # from another address: key 8, IP 1, day 1; the day takes longer to come back
+    _, _, headers = await chat(gateway, LIMITED, {"X-Forwarded-For": "10.0.0.2"})
+    assert (headers["X-RateLimit-Limit-Requests"], headers["X-RateLimit-Remaining-Requests"]) == (
+        "3",
+        "1",
+    )
+    assert int(headers["X-RateLimit-Reset"]) > 60
+    status, _, headers = await chat(gateway, LIMITED, {"X-Forwarded-For": "10.0.0.1"})
+    assert status == 200
+    assert headers["X-RateLimit-Remaining-Requests"] == "0"
+    # the tokens family: the tier's daily tokens, as no tokens-per-minute limit applies
+    assert headers["X-RateLimit-Limit-Tokens"] == "100000"
+    assert int(headers["X-RateLimit-Remaining-Tokens"]) < 100000 - 2 * 51
+
+
 @pytest.mark.parametrize(
     ("retry_after", "lowest", "highest"),
     [
