@@ -34,7 +34,8 @@ limits at its next request and keeps what it has used. A bucket keeps the time i
 refill, so under a new limit it is as full, as a fraction, as it was.
 
 Every answer to a key carries X-RateLimit-* headers (`Ticket.headers`, `Limiter.peek`, the
-refusals): per family, requests or tokens, they describe the limit with the fewest left.
+refusals): per family, requests or tokens, they describe the limit with the fewest left. The
+soft-limit warning counts settled usage only, never what is reserved.
 
 Everything here is synchronous and O(1) per request, with no I/O; the atomicity of admission
 rests on running on one event loop thread.
@@ -599,9 +600,8 @@ class Limiter:
         # the header numbers as of now; the dict is built only if the caller asks for it
         snapshot = self._snapshot(st, limits, ip, ei, now, w)
         ticket = Ticket(self, st, limits, est_tokens, est_tokens, est_cost, snapshot)
-        if (tpd and st.day_tokens + st.held_tokens >= self._soft * tpd) or (
-            budget and spent + st.held_cost >= self._soft * budget
-        ):
+        # the soft limit counts settled usage only: a large reservation is no sign of use
+        if (tpd and st.day_tokens >= self._soft * tpd) or (budget and spent >= self._soft * budget):
             ticket.warning = self._soft_warning(key_id, st, limits, w)
         return ticket
 
@@ -743,7 +743,7 @@ class Limiter:
         parts: list[str] = []
         tpd = limits.tokens_per_day
         if tpd:
-            used = st.day_tokens + st.held_tokens
+            used = st.day_tokens
             if used >= self._soft * tpd:
                 what = f"{used * 100 // tpd}% of the daily token quota ({used} of {tpd} tokens)"
                 parts.append(f"{what} used; it resets in {go_duration(self._next_reset - w)}")
@@ -753,7 +753,7 @@ class Limiter:
         budget = limits.budget
         if budget:
             period = limits.budget_period
-            spent = st.cost(period) + st.held_cost
+            spent = st.cost(period)
             if spent >= self._soft * budget:
                 what = (
                     f"{int(spent * 100 / budget)}% of the {_PERIOD_WORD[period]} budget "

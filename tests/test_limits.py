@@ -642,20 +642,26 @@ def test_soft_limit_warns_on_every_admission_and_logs_once_per_key_and_day(
     first = admit(limiter, limits, tokens=700)
     first.settle(700, 0.0)
     assert first.warning is None
+    ticket = admit(limiter, limits, tokens=250)  # 700 used + 250 reserved: 95%, not used
+    assert ticket.warning is None
     assert caplog.records == []
-    ticket = admit(limiter, limits, tokens=100)  # 700 used + 100 reserved: 80%
-    assert ticket.warning is not None
-    assert "80% of the daily token quota" in ticket.warning
-    ticket.settle(100, 0.0)
+    ticket.settle(100, 0.0)  # 800 used: 80%
     again = admit(limiter, limits, tokens=50)
-    assert again.warning is not None and "85%" in again.warning
+    assert again.warning is not None
+    assert "80% of the daily token quota (800 of 1000 tokens)" in again.warning
+    again.settle(50, 0.0)
+    third = admit(limiter, limits, tokens=10)
+    assert third.warning is not None and "85%" in third.warning
     assert admit(limiter, limits, key="other", tokens=10).warning is None
     assert len(caplog.records) == 1
     assert caplog.records[0].name == "gateway.limits"
     assert "key k " in caplog.records[0].getMessage()
 
     clock.advance(86400)
-    admit(limiter, limits, tokens=900)
+    big = admit(limiter, limits, tokens=900)
+    assert big.warning is None  # a new day: nothing used yet
+    big.settle(900, 0.0)
+    assert admit(limiter, limits, tokens=1).warning is not None
     assert len(caplog.records) == 2  # a new day, a new line
 
 
@@ -673,7 +679,10 @@ def test_soft_limit_on_the_budget_logs_once_per_budget_period(
     assert len(caplog.records) == 1
     clock.to(datetime(2026, 4, 1, 0, 0, tzinfo=UTC))
     assert admit(limiter, limits, cost=0.1).warning is None
-    assert admit(limiter, limits, cost=5.0).warning is not None
+    reserved = admit(limiter, limits, cost=5.0)
+    assert reserved.warning is None  # held, not spent
+    reserved.settle(0, 5.0)
+    assert admit(limiter, limits, cost=0.1).warning is not None
     assert len(caplog.records) == 2
 
 

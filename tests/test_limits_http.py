@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -265,14 +266,23 @@ async def test_fifty_concurrent_requests_against_room_for_ten(make_gateway: Make
     assert used == 10 * 51  # the recorded completion's usage, each time
 
 
-async def test_soft_limit_warning(make_gateway: MakeGateway) -> None:
-    extra = keys("tokens_per_day = 200") + "[limits]\nsoft_limit = 0.5\n"
+async def test_soft_limit_warning_counts_real_usage_not_reservations(
+    make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.limits")
+    # the soft limit is 100 tokens; each request reserves over 600 and really uses 51
+    extra = keys("tokens_per_day = 2000") + "[limits]\nsoft_limit = 0.05\n"
     gateway = await make_gateway(extra=extra)
-    _, _, first = await chat(gateway, LIMITED, max_tokens=10)
-    assert "X-Gateway-Warning" not in first
-    await chat(gateway, LIMITED, max_tokens=10)
-    _, _, third = await chat(gateway, LIMITED, max_tokens=10)
-    assert "X-Gateway-Warning" in third
+    warnings = []
+    for _ in range(4):
+        status, _, headers = await chat(gateway, LIMITED, max_tokens=600)
+        assert status == 200
+        warnings.append(headers.get("X-Gateway-Warning"))
+    assert warnings[:2] == [None, None]  # 0, then 51 used: a reservation is no usage
+    assert warnings[2] is not None and "(102 of 2000 tokens)" in warnings[2]
+    assert warnings[3] is not None and "(153 of 2000 tokens)" in warnings[3]
+    logged = [r.getMessage() for r in caplog.records if "soft limit" in r.getMessage()]
+    assert len(logged) == 1 and "key limited " in logged[0] and "102 of 2000" in logged[0]
 
 
 async def test_budget_cuts_a_stream_mid_way(make_gateway: MakeGateway) -> None:
