@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +122,13 @@ class StoppedClock:
         self.since = time.monotonic()
 
 
-def stop_clock(gateway: Gateway) -> StoppedClock:
+def stop_clock(gateway: Gateway, wall: datetime | None = None) -> StoppedClock:
+    """Run the gateway's limiter on a `StoppedClock`, and on a wall clock fixed at `wall`."""
     clock = StoppedClock()
-    gateway.state.limiter = Limiter(gateway.state.config.limits, clock=clock)
+    at = wall.timestamp() if wall is not None else None
+    gateway.state.limiter = Limiter(
+        gateway.state.config.limits, clock=clock, wall=time.time if at is None else lambda: at
+    )
     return clock
 
 
@@ -535,19 +540,28 @@ async def test_upstream_429s_carry_retry_after_in_whole_seconds(
 
 
 async def test_quota_429s_say_when_the_quota_comes_back(make_gateway: MakeGateway) -> None:
-    extra = keys("tokens_per_day = 1000")
-    gateway = await make_gateway(extra=extra)
+    noon = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)  # 12 h to the daily reset
+    gateway = await make_gateway(extra=keys("tokens_per_day = 1000"))
+    stop_clock(gateway, wall=noon)
     # larger than the whole quota: never passes; the SDKs are told not to retry
     status, body, headers = await chat(gateway, LIMITED, max_tokens=5000)
     assert (status, body["error"]["code"]) == (429, "insufficient_quota")
     assert headers["x-should-retry"] == "false"
-    day_left = 86400 - time.time() % 86400
-    assert abs(int(headers["Retry-After"]) - day_left) <= 2  # until the daily reset
+    assert headers["Retry-After"] == str(12 * 3600)  # until the daily reset
     # used up: until the daily reset
     for _ in range(8):
         assert (await chat(gateway, LIMITED, max_tokens=10))[0] == 200
     status, body, headers = await chat(gateway, LIMITED, max_tokens=600)
     assert (status, body["error"]["code"]) == (429, "insufficient_quota")
-    day_left = 86400 - time.time() % 86400
-    assert abs(int(headers["Retry-After"]) - day_left) <= 2
+    assert headers["Retry-After"] == str(12 * 3600)
+    assert "x-should-retry" not in headers
+
+    # a monthly budget spent: until the month's end (one answer costs about $0.0004)
+    gateway = await make_gateway(extra=keys('budget = 0.0003\nbudget_period = "month"'))
+    stop_clock(gateway, wall=noon)
+    assert (await chat(gateway, LIMITED, max_tokens=10))[0] == 200
+    status, body, headers = await chat(gateway, LIMITED, max_tokens=10)
+    assert (status, body["error"]["code"]) == (429, "insufficient_quota")
+    month_left = datetime(2026, 4, 1, tzinfo=UTC) - noon
+    assert headers["Retry-After"] == str(int(month_left.total_seconds()))
     assert "x-should-retry" not in headers
