@@ -59,7 +59,15 @@ async def chat(
         ) as resp,
     ):
         body = await resp.json() if resp.content_type == "application/json" else {}
-        return resp.status, body, resp.headers
+        return resp.status, body, checked(resp.status, resp.headers)
+
+
+def checked(status: int, headers: Any) -> Any:
+    """The response's headers, once it is seen that a 429 among them says when to try again:
+    so every 429 these tests meet is checked for Retry-After in whole seconds."""
+    if status == 429:
+        assert int(headers["Retry-After"]) >= 1
+    return headers
 
 
 Result = tuple[int, dict[str, Any], Any]
@@ -82,7 +90,7 @@ async def chat_chunked(gateway: Gateway, key: str, body: bytes) -> Result:
     ):
         assert resp.request_info.headers.get("Transfer-Encoding") == "chunked"
         body_out = await resp.json() if resp.content_type == "application/json" else {}
-        return resp.status, body_out, resp.headers
+        return resp.status, body_out, checked(resp.status, resp.headers)
 
 
 async def all_admitted_first(
@@ -364,6 +372,7 @@ async def test_standard_endpoints_have_their_own_bucket(
                 gateway.url + endpoint, headers={"Authorization": f"Bearer {LIMITED}"}
             ) as r:
                 statuses.append(r.status)
+                checked(r.status, r.headers)
     assert statuses == [200, 429]
     assert (await chat(gateway, LIMITED))[0] == 200  # chat has its own bucket
 
