@@ -496,7 +496,7 @@ trusted_proxies = ["127.0.0.1"]
 """
     )
     gateway = await make_gateway(extra=extra)
-    stop_clock(gateway)
+    stop_clock(gateway, wall=datetime(2026, 3, 10, 12, 0, tzinfo=UTC))
     # key bucket 9 left, the IP's 1, the tier's day 2: the IP's bucket
     _, _, headers = await chat(gateway, LIMITED, {"X-Forwarded-For": "10.0.0.1"})
     assert (headers["X-RateLimit-Limit-Requests"], headers["X-RateLimit-Remaining-Requests"]) == (
@@ -510,7 +510,8 @@ trusted_proxies = ["127.0.0.1"]
         "3",
         "1",
     )
-    assert int(headers["X-RateLimit-Reset"]) > 60
+    assert headers["X-RateLimit-Reset-Requests"] == "12h0m0s"
+    assert headers["X-RateLimit-Reset"] == str(12 * 3600)
     status, _, headers = await chat(gateway, LIMITED, {"X-Forwarded-For": "10.0.0.1"})
     assert status == 200
     assert headers["X-RateLimit-Remaining-Requests"] == "0"
