@@ -217,6 +217,7 @@ async def test_token_quota_counts_real_usage_and_says_insufficient_quota(
     # the recorded completion uses 14 + 37 = 51 tokens; the estimate reserves more (max_tokens)
     # each request reserves about 75 (its body / 4, plus max_tokens): the 4th does not fit
     gateway = await make_gateway(extra=keys("tokens_per_day = 200"))
+    stop_clock(gateway, wall=datetime(2026, 3, 10, 12, 0, tzinfo=UTC))
     for _ in range(3):
         status, _, headers = await chat(gateway, LIMITED, max_tokens=50)
         assert status == 200
@@ -224,7 +225,7 @@ async def test_token_quota_counts_real_usage_and_says_insufficient_quota(
     assert status == 429
     assert body["error"]["code"] == "insufficient_quota"
     assert body["error"]["type"] == "insufficient_quota"
-    assert int(headers["Retry-After"]) > 60  # until the daily reset
+    assert headers["Retry-After"] == str(12 * 3600)  # until the daily reset
     records = await gateway.records()
     assert sum(r.prompt_tokens + r.completion_tokens for r in records) == 153
 
