@@ -248,6 +248,8 @@ async def _add_headers(request: web.Request, response: web.StreamResponse) -> No
         headers.update(ticket.headers)
         if ticket.warning:
             headers["X-Gateway-Warning"] = ticket.warning
+    elif exchange.limits is not None:
+        headers.update(handlers.unadmitted_headers(request, exchange))
     # who answered; unknown (and not said) when keep-alives started a stream before that
     if exchange.served is not None:
         headers["X-Gateway-Provider"] = exchange.served.provider.name

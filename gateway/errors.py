@@ -7,7 +7,11 @@ class the OpenAI SDKs raise and whether they retry (408, 409, 429 and 5xx are re
 
 from __future__ import annotations
 
+import email.utils
+import math
+import time
 from collections.abc import Mapping
+from datetime import UTC
 
 import orjson
 
@@ -185,6 +189,7 @@ def from_upstream(
         )
         err.retryable = False  # another try will not fix the operator's key
         return err
+    retry_after = _whole_seconds(retry_after, status)
     if status == 529:  # Anthropic: overloaded
         status = 503
     if status >= 500:
@@ -208,3 +213,25 @@ def from_upstream(
     if retry_after:
         err.headers["Retry-After"] = retry_after
     return err
+
+
+def _whole_seconds(retry_after: str | None, status: int) -> str | None:
+    """An upstream's Retry-After (seconds or an HTTP date) as whole seconds, at least 1, as
+    the gateway's own 429s give it; a 429 that gave none gets 1, so that every 429 says when
+    to try again."""
+    seconds: float | None = None
+    if retry_after:
+        try:
+            seconds = float(retry_after)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(retry_after)
+            except (TypeError, ValueError):
+                pass
+            else:
+                if when.tzinfo is None:
+                    when = when.replace(tzinfo=UTC)
+                seconds = when.timestamp() - time.time()
+    if seconds is None or not math.isfinite(seconds):
+        return "1" if status == 429 else None
+    return str(max(1, math.ceil(seconds)))

@@ -16,7 +16,7 @@ from .translate.base import Usage
 
 if TYPE_CHECKING:
     from .errors import GatewayError
-    from .limits import Admission
+    from .limits import Admission, EffectiveLimits
     from .router import Deployment
     from .runtime import Runtime
 
@@ -33,6 +33,7 @@ class Exchange:
         "first_byte_at",
         "halted",
         "key_id",
+        "limits",
         "model",
         "prompt_estimate",
         "refused",
@@ -58,6 +59,7 @@ class Exchange:
         self.endpoint = ""
         self.stream = False
         self.key_id = ""
+        self.limits: EffectiveLimits | None = None  # the key's, once authenticated
         self.model = ""  # as the client asked for it
         self.deployment: Deployment | None = None  # the one that served, or was tried last
         self.served: Deployment | None = None  # the one that answered, once it has

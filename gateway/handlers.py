@@ -34,6 +34,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .exchange import EXCHANGE, Exchange
+from .limits import EndpointClass
 from .metrics import Metrics
 from .resilience import Breaker, Deadline, OutOfTime, parse_retry_after, weighted_order
 from .runtime import STATE, Runtime
@@ -440,24 +441,30 @@ async def admit(
 ) -> None:
     """Reserve the request's estimated tokens and cost against the key's limits, or raise 429.
 
-    The estimate is the body's size in bytes / 4 for the input and ``max_tokens`` (else the
-    model's cap, else DEFAULT_OUTPUT_RESERVATION) for a chat answer.
+    The estimate is the body's size in bytes / 4 for the input and, for a chat answer,
+    ``max_tokens`` (else the model's cap, else DEFAULT_OUTPUT_RESERVATION) for each of its
+    ``n`` choices.
     """
     exchange = request[EXCHANGE]
-    if route is not None:
-        exchange.model = route.requested
-    prompt = (request.content_length or 0) // 4
-    output = 0
+    prompt = output = 0
     cost = 0.0
     if route is not None:
+        exchange.model = route.requested
+        # the body as read, not Content-Length, which a chunked request does not send;
+        # aiohttp keeps the bytes that read_json read, so nothing is read twice
+        prompt = len(await request.read()) // 4
         model = route.deployments[0].model
         if endpoint == "chat":
             asked = body.get("max_completion_tokens") or body.get("max_tokens")
-            cap = model.max_tokens or DEFAULT_OUTPUT_RESERVATION
-            output = asked if isinstance(asked, int) else cap
+            output = (
+                asked if isinstance(asked, int) else model.max_tokens or DEFAULT_OUTPUT_RESERVATION
+            )
+            choices = body.get("n")
+            if isinstance(choices, int) and choices > 1:
+                output *= choices
         cost = cost_of(model, Usage(prompt_tokens=prompt, completion_tokens=output))
     exchange.prompt_estimate = prompt
-    limiter_class = endpoint if endpoint in ("chat", "embeddings") else "standard"
+    limiter_class = endpoint_class(endpoint)
     state = request.app[STATE]
     try:
         if state.cluster is None:
@@ -465,7 +472,7 @@ async def admit(
                 principal.key_id,
                 principal.limits,
                 exchange.client_ip,
-                limiter_class,  # type: ignore[arg-type]
+                limiter_class,
                 prompt + output,
                 cost,
             )
@@ -474,13 +481,33 @@ async def admit(
                 principal.key_id,
                 principal.limits,
                 exchange.client_ip,
-                limiter_class,  # type: ignore[arg-type]
+                limiter_class,
                 prompt + output,
                 cost,
             )
     except GatewayError:
         exchange.refused = True
         raise
+
+
+def endpoint_class(endpoint: str) -> EndpointClass:
+    """The limiter's bucket for an endpoint: chat, embeddings, or standard for the rest."""
+    if endpoint == "chat":
+        return "chat"
+    if endpoint == "embeddings":
+        return "embeddings"
+    return "standard"
+
+
+def unadmitted_headers(request: web.Request, exchange: Exchange) -> dict[str, str]:
+    """X-RateLimit-* headers for a known key's request that ended before admission (a 400, a
+    404), as they stand; none in a fleet, whose counters are in Redis."""
+    state = request.app[STATE]
+    if exchange.limits is None or exchange.refused or state.cluster is not None:
+        return {}
+    return state.limiter.peek(
+        exchange.key_id, exchange.limits, exchange.client_ip, endpoint_class(exchange.endpoint)
+    )
 
 
 def parse_period(query: Mapping[str, str], now: float | None = None) -> tuple[date, date]:
@@ -509,6 +536,7 @@ def authenticate(request: web.Request) -> tuple[Runtime, Principal]:
     rt = exchange.runtime
     principal = rt.keys.authenticate(request.headers)
     exchange.key_id = principal.key_id
+    exchange.limits = principal.limits
     return rt, principal
 
 

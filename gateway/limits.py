@@ -33,6 +33,10 @@ counters, which are keyed by key id: a reload that moves a key to another tier c
 limits at its next request and keeps what it has used. A bucket keeps the time it needs to
 refill, so under a new limit it is as full, as a fraction, as it was.
 
+Every answer to a key carries X-RateLimit-* headers (`Ticket.headers`, `Limiter.peek`, the
+refusals): per family, requests or tokens, they describe the limit with the fewest left. The
+soft-limit warning counts settled usage only, never what is reserved.
+
 Everything here is synchronous and O(1) per request, with no I/O; the atomicity of admission
 rests on running on one event loop thread.
 """
@@ -135,6 +139,14 @@ class EffectiveLimits:
         if endpoint == "embeddings":
             return self.embeddings_per_minute
         return self.standard_per_minute
+
+
+def _per_minute(limits: EffectiveLimits, ei: int) -> int | None:
+    if ei == 0:
+        return limits.chat_per_minute
+    if ei == 1:
+        return limits.embeddings_per_minute
+    return limits.standard_per_minute
 
 
 def _limit(*values: _N | None) -> _N | None:
@@ -499,8 +511,8 @@ class Limiter:
     ) -> Ticket:
         """Reserve one request and its estimated tokens and cost against every limit, or raise.
 
-        Raises `RateLimited` (bucket, or quota held by requests in flight) or `QuotaExceeded`
-        (daily requests or tokens, or budget, used up); both carry the X-RateLimit-* headers
+        Raises `RateLimited` (a bucket) or `QuotaExceeded` (daily requests or tokens, or
+        budget, used up or held by requests in flight); both carry the X-RateLimit-* headers
         and Retry-After. Nothing is taken when a limit refuses.
         """
         now = self._clock()
@@ -520,12 +532,7 @@ class Limiter:
             est_cost = 0.0
 
         ei = _ENDPOINT_INDEX[endpoint]
-        if ei == 0:
-            rpm = limits.chat_per_minute
-        elif ei == 1:
-            rpm = limits.embeddings_per_minute
-        else:
-            rpm = limits.standard_per_minute
+        rpm = _per_minute(limits, ei)
         ok = True
         r_tat = r_step = 0.0
         if rpm:
@@ -585,33 +592,77 @@ class Limiter:
         if tpm:
             st.tpm = t_tat
         st.day_requests += 1
-        held_tokens = st.held_tokens = st.held_tokens + est_tokens
-        held_cost = st.held_cost = st.held_cost + est_cost
+        st.held_tokens += est_tokens
+        st.held_cost += est_cost
         st.inflight += 1
         st.used = True
 
         # the header numbers as of now; the dict is built only if the caller asks for it
-        t_limit = tpm or tpd or 0  # the tokens family describes the daily quota without a TPM
-        if tpm:
-            t_left = int(tpm - (t_tat - now) * tpm / _WINDOW + _EPS)
-            t_reset = t_tat - now
-        elif tpd:
-            t_left = tpd - st.day_tokens - held_tokens
-            t_reset = self._next_reset - w
-        else:
-            t_left, t_reset = 0, 0.0
-        if rpm:
-            r_left = int((_WINDOW - r_tat + now) / r_step + _EPS)
-            r_reset = r_tat - now
-        else:
-            rpm, r_left, r_reset = 0, 0, 0.0
-        snapshot = (rpm, r_left, r_reset, t_limit, t_left, t_reset)
+        snapshot = self._snapshot(st, limits, ip, ei, now, w)
         ticket = Ticket(self, st, limits, est_tokens, est_tokens, est_cost, snapshot)
-        if (tpd and st.day_tokens + held_tokens >= self._soft * tpd) or (
-            budget and spent + held_cost >= self._soft * budget
-        ):
+        # the soft limit counts settled usage only: a large reservation is no sign of use
+        if (tpd and st.day_tokens >= self._soft * tpd) or (budget and spent >= self._soft * budget):
             ticket.warning = self._soft_warning(key_id, st, limits, w)
         return ticket
+
+    def peek(
+        self, key_id: str, limits: EffectiveLimits, ip: str | None, endpoint: EndpointClass
+    ) -> dict[str, str]:
+        """The X-RateLimit-* headers as of now, taking nothing.
+
+        For the responses to requests that ended before admission (a 400 or 404 found
+        first), so that every response to a known key says where its limits stand.
+        """
+        now = self._clock()
+        w = self._tick()
+        st = self._state(key_id)
+        return _rate_headers(*self._snapshot(st, limits, ip, _ENDPOINT_INDEX[endpoint], now, w))
+
+    def _snapshot(
+        self,
+        st: _KeyState,
+        limits: EffectiveLimits,
+        ip: str | None,
+        ei: int,
+        now: float,
+        w: float,
+    ) -> _Snapshot:
+        """The header numbers: per family, the limit that has the fewest left (on a tie, the
+        one that takes longer to reset), so that the headers name what refuses first."""
+        day_left = self._next_reset - w
+        r_limit, r_left, r_reset = 0, 0, 0.0
+        rpm = _per_minute(limits, ei)
+        if rpm:
+            debt = st.rpm[ei] - now
+            if debt < 0.0:
+                debt = 0.0
+            r_limit, r_left, r_reset = rpm, int((_WINDOW - debt) * rpm / _WINDOW + _EPS), debt
+        ip_rpm = self._ip_limits[ei]
+        if ip_rpm and ip is not None:
+            debt = self._ip[ei].get(ip, now) - now
+            if debt < 0.0:
+                debt = 0.0
+            left = int((_WINDOW - debt) * ip_rpm / _WINDOW + _EPS)
+            if not r_limit or left < r_left or (left == r_left and debt > r_reset):
+                r_limit, r_left, r_reset = ip_rpm, left, debt
+        rpd = limits.requests_per_day
+        if rpd:
+            left = rpd - st.day_requests
+            if not r_limit or left < r_left or (left == r_left and day_left > r_reset):
+                r_limit, r_left, r_reset = rpd, left, day_left
+        t_limit, t_left, t_reset = 0, 0, 0.0
+        tpm = limits.tokens_per_minute
+        if tpm:
+            debt = st.tpm - now
+            if debt < 0.0:
+                debt = 0.0
+            t_limit, t_left, t_reset = tpm, int(tpm - debt * tpm / _WINDOW + _EPS), debt
+        tpd = limits.tokens_per_day
+        if tpd:
+            left = tpd - st.day_tokens - st.held_tokens
+            if not t_limit or left < t_left or (left == t_left and day_left > t_reset):
+                t_limit, t_left, t_reset = tpd, left, day_left
+        return (r_limit, r_left, r_reset, t_limit, t_left, t_reset)
 
     def _refuse(
         self,
@@ -629,12 +680,8 @@ class Limiter:
         failed: list[_Failure] = []
         ei = _ENDPOINT_INDEX[endpoint]
         rpm = limits.per_minute(endpoint)
-        req = (0, 0, 0.0)
         if rpm:
-            step = _WINDOW / rpm
-            debt = max(st.rpm[ei], now) - now
-            req = (rpm, max(0, int((_WINDOW - debt) / step + _EPS)), debt)
-            tat = max(st.rpm[ei], now) + step
+            tat = max(st.rpm[ei], now) + _WINDOW / rpm
             if tat - now > _TAU:
                 failed.append(_rate_failure(tat - now, f"{endpoint} requests per minute", rpm))
         ip_rpm = self._ip_limits[ei]
@@ -646,25 +693,20 @@ class Limiter:
                 what = f"{endpoint} requests per minute from your IP address"
                 failed.append(_rate_failure(tat - now, what, ip_rpm))
         tpm = limits.tokens_per_minute
-        tpd = limits.tokens_per_day
-        tok = (0, 0, 0.0)
         if tpm:
             t_step = _WINDOW / tpm
             t_tat = max(st.tpm, now)
-            debt = t_tat - now
-            tok = (tpm, max(0, int(tpm - debt * tpm / _WINDOW + _EPS)), debt)
             need = est_tokens if est_tokens < tpm else tpm
             if t_tat + need * t_step - now > _TAU:
                 owed = t_tat + need * t_step - now
                 failed.append(_rate_failure(owed, "tokens per minute", tpm, est_tokens))
-        elif tpd:
-            tok = (tpd, max(0, tpd - st.day_tokens - st.held_tokens), self._next_reset - w)
         day_left = self._next_reset - w
         rpd = limits.requests_per_day
         if rpd and st.day_requests >= rpd:
             failed.append(
                 _quota_failure("daily request quota", rpd, st.day_requests, 0, 1, day_left)
             )
+        tpd = limits.tokens_per_day
         if tpd and st.day_tokens + st.held_tokens + est_tokens > tpd:
             used, held = st.day_tokens, st.held_tokens
             failed.append(
@@ -683,10 +725,12 @@ class Limiter:
         worst = max(failed, key=_Failure.order, default=None)
         if worst is None:  # pragma: no cover - admit and this agree by construction
             worst = _Failure(_EPS, False, "Rate limit reached. Please try again in 1s.")
-        headers = _rate_headers(*req, *tok)
+        headers = _rate_headers(*self._snapshot(st, limits, ip, ei, now, w))
         if worst.wait is None:
-            # no wait helps; the openai SDKs obey this header and do not retry
+            # No wait helps; the openai SDKs obey this header and do not retry. Retry-After
+            # still says when the key's day begins again, as every 429 carries one.
             headers["x-should-retry"] = "false"
+            headers["Retry-After"] = str(max(1, _whole_seconds(day_left)))
         else:
             headers["Retry-After"] = str(max(1, _whole_seconds(worst.wait)))
         if worst.quota:
@@ -699,7 +743,7 @@ class Limiter:
         parts: list[str] = []
         tpd = limits.tokens_per_day
         if tpd:
-            used = st.day_tokens + st.held_tokens
+            used = st.day_tokens
             if used >= self._soft * tpd:
                 what = f"{used * 100 // tpd}% of the daily token quota ({used} of {tpd} tokens)"
                 parts.append(f"{what} used; it resets in {go_duration(self._next_reset - w)}")
@@ -709,7 +753,7 @@ class Limiter:
         budget = limits.budget
         if budget:
             period = limits.budget_period
-            spent = st.cost(period) + st.held_cost
+            spent = st.cost(period)
             if spent >= self._soft * budget:
                 what = (
                     f"{int(spent * 100 / budget)}% of the {_PERIOD_WORD[period]} budget "
@@ -942,12 +986,13 @@ def _quota_failure(
         message = f"This request needs up to {requested:.6g}, more than the {what} of {limit:.6g}."
         return _Failure(None, True, message)
     if used + requested <= limit * _COST_SLACK:
-        # there is room once requests in flight settle below their reservations
+        # The quota is spoken for, though not yet used: there may be room once requests in
+        # flight settle below their reservations. Still a quota, not a rate, that refuses.
         message = (
-            f"Rate limit reached for the {what}: requests in flight hold {held:.6g} of the "
+            f"You exceeded your {what}: requests in flight hold {held:.6g} of the "
             f"{limit - used:.6g} left. Please try again in 1s."
         )
-        return _Failure(_IN_FLIGHT_WAIT, False, message)
+        return _Failure(_IN_FLIGHT_WAIT, True, message)
     resets = "It does not reset." if left is None else f"It resets in {go_duration(left)}."
     message = (
         f"You exceeded your {what}: limit {limit:.6g}, used {used:.6g}, "

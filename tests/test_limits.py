@@ -286,8 +286,9 @@ def test_daily_budget_resets_daily_and_total_budget_never() -> None:
     clock.advance(40 * 86400)
     err = refused(limiter, total, cost=0.1)
     assert isinstance(err, QuotaExceeded)
-    assert "Retry-After" not in err.headers  # no wait helps, so none is promised
-    assert err.headers["x-should-retry"] == "false"
+    assert err.headers["x-should-retry"] == "false"  # no wait helps
+    # every 429 carries Retry-After; without a period, it is the key's next day
+    assert err.headers["Retry-After"] == str(12 * 3600)
     assert limiter.period_start("total") is None
 
 
@@ -319,8 +320,11 @@ def test_settle_after_an_over_estimate_releases_the_rest() -> None:
     limits = EffectiveLimits(tokens_per_day=1000)
     ticket = admit(limiter, limits, tokens=900)
     err = refused(limiter, limits, tokens=200)
-    assert isinstance(err, RateLimited)  # held by a request in flight, not used up
+    # held by a request in flight, not yet used up: still the quota that refuses
+    assert isinstance(err, QuotaExceeded)
+    assert (err.type, err.code) == ("insufficient_quota", "insufficient_quota")
     assert err.headers["Retry-After"] == "1"
+    assert "in flight" in err.message
     ticket.settle(100, 0.0)
     assert passes(limiter, limits, tokens=900)
     assert not passes(limiter, limits, tokens=901)
@@ -343,15 +347,17 @@ def test_concurrent_admissions_cannot_overshoot_a_quota() -> None:
     for _ in range(50):  # all in flight at once: none settles in between
         try:
             tickets.append(admit(limiter, limits, tokens=100))
-        except RateLimited as e:
+        except QuotaExceeded as e:
             errors.append(e)
     assert len(tickets) == 10
     assert len(errors) == 40
-    assert all(e.code == "rate_limit_exceeded" and e.headers["Retry-After"] == "1" for e in errors)
+    # held by requests in flight: insufficient_quota, to be tried again once they settle
+    assert all(e.code == "insufficient_quota" and e.headers["Retry-After"] == "1" for e in errors)
     for t in tickets:
         t.settle(100, 0.0)
     err = refused(limiter, limits, tokens=100)
-    assert isinstance(err, QuotaExceeded)  # now it is used up
+    assert isinstance(err, QuotaExceeded)  # now it is used up: until the daily reset
+    assert err.headers["Retry-After"] == str(12 * 3600)
 
     limiter, _ = make()
     budget = EffectiveLimits(budget=1.0, budget_period="day")
@@ -506,6 +512,77 @@ def test_tokens_headers_fall_back_to_the_daily_quota_and_unlimited_families_are_
     assert headers == {}  # the chat bucket of this key is unlimited
 
 
+def test_headers_describe_the_limit_with_the_fewest_left_in_each_family() -> None:
+    limiter, _ = make(ip_chat_per_minute=10)
+    limits = EffectiveLimits(
+        chat_per_minute=60, requests_per_day=12, tokens_per_minute=10_000, tokens_per_day=2_500
+    )
+    headers = admit(limiter, limits, ip="198.51.100.1", tokens=1000).headers
+    # requests: key 59 left, IP 9, day 11: the IP's bucket; tokens: minute 9000, day 1500
+    assert headers == {
+        "X-RateLimit-Limit-Requests": "10",
+        "X-RateLimit-Remaining-Requests": "9",
+        "X-RateLimit-Reset-Requests": "6s",
+        "X-RateLimit-Limit-Tokens": "2500",
+        "X-RateLimit-Remaining-Tokens": "1500",
+        "X-RateLimit-Reset-Tokens": "12h0m0s",
+        "X-RateLimit-Limit": "10",
+        "X-RateLimit-Remaining": "9",
+        "X-RateLimit-Reset": "6",
+    }
+    for n in range(2, 5):
+        headers = admit(limiter, limits, ip=f"198.51.100.{n}", tokens=0).headers
+    # key 56 left, each IP 9, day 8: the daily request quota
+    assert headers["X-RateLimit-Limit-Requests"] == "12"
+    assert headers["X-RateLimit-Remaining-Requests"] == "8"
+    assert headers["X-RateLimit-Reset-Requests"] == "12h0m0s"
+    assert headers["X-RateLimit-Reset"] == str(12 * 3600)
+
+    # a tie goes to the limit that takes longer to come back
+    limiter, _ = make()
+    tied = EffectiveLimits(chat_per_minute=1, requests_per_day=1)
+    headers = admit(limiter, tied).headers
+    assert headers["X-RateLimit-Remaining-Requests"] == "0"
+    assert headers["X-RateLimit-Limit-Requests"] == "1"
+    assert headers["X-RateLimit-Reset-Requests"] == "12h0m0s"
+
+    # a refusal reports the same way: here the per-IP bucket is what is used up
+    limiter, _ = make(ip_chat_per_minute=1)
+    admit(limiter, EffectiveLimits(chat_per_minute=60), key="a", ip="203.0.113.9")
+    err = refused(limiter, EffectiveLimits(chat_per_minute=60), key="b", ip="203.0.113.9")
+    assert err.headers["X-RateLimit-Limit-Requests"] == "1"
+    assert err.headers["X-RateLimit-Remaining-Requests"] == "0"
+
+
+def test_peek_reports_the_headers_and_takes_nothing() -> None:
+    limiter, clock = make(ip_chat_per_minute=100)
+    limits = EffectiveLimits(chat_per_minute=2, tokens_per_day=1000)
+    assert limiter.peek("k", limits, "198.51.100.1", "chat") == {
+        "X-RateLimit-Limit-Requests": "2",
+        "X-RateLimit-Remaining-Requests": "2",
+        "X-RateLimit-Reset-Requests": "0s",
+        "X-RateLimit-Limit-Tokens": "1000",
+        "X-RateLimit-Remaining-Tokens": "1000",
+        "X-RateLimit-Reset-Tokens": "12h0m0s",
+        "X-RateLimit-Limit": "2",
+        "X-RateLimit-Remaining": "2",
+        "X-RateLimit-Reset": "0",
+    }
+    admit(limiter, limits, ip="198.51.100.1", tokens=300)
+    clock.advance(10)
+    for _ in range(5):
+        headers = limiter.peek("k", limits, "198.51.100.1", "chat")
+    assert headers["X-RateLimit-Remaining-Requests"] == "1"
+    assert headers["X-RateLimit-Reset-Requests"] == "20s"
+    assert headers["X-RateLimit-Remaining-Tokens"] == "700"
+    assert passes_held(limiter, limits, ip="198.51.100.1", tokens=700)  # nothing was taken
+    assert limiter.peek("k", limits, None, "embeddings") == {
+        "X-RateLimit-Limit-Tokens": "1000",
+        "X-RateLimit-Remaining-Tokens": "0",
+        "X-RateLimit-Reset-Tokens": "11h59m50s",
+    }
+
+
 def test_refusals_carry_the_headers_and_the_real_retry_after() -> None:
     limiter, clock = make()
     limits = EffectiveLimits(chat_per_minute=60, tokens_per_day=10_000)
@@ -539,8 +616,9 @@ def test_refusals_carry_the_headers_and_the_real_retry_after() -> None:
     assert err.headers["X-RateLimit-Remaining-Requests"] == "59"
 
     err = refused(limiter, EffectiveLimits(tokens_per_day=1000), key="fresh", tokens=1001)
-    assert "Retry-After" not in err.headers  # larger than the whole quota: never passes
-    assert err.headers["x-should-retry"] == "false"
+    assert isinstance(err, QuotaExceeded)
+    assert err.headers["x-should-retry"] == "false"  # larger than the whole quota: never passes
+    assert err.headers["Retry-After"] == str(12 * 3600)  # yet every 429 says when to ask
 
 
 def test_the_longest_wait_decides_the_error_and_retry_after() -> None:
@@ -564,20 +642,26 @@ def test_soft_limit_warns_on_every_admission_and_logs_once_per_key_and_day(
     first = admit(limiter, limits, tokens=700)
     first.settle(700, 0.0)
     assert first.warning is None
+    ticket = admit(limiter, limits, tokens=250)  # 700 used + 250 reserved: 95%, not used
+    assert ticket.warning is None
     assert caplog.records == []
-    ticket = admit(limiter, limits, tokens=100)  # 700 used + 100 reserved: 80%
-    assert ticket.warning is not None
-    assert "80% of the daily token quota" in ticket.warning
-    ticket.settle(100, 0.0)
+    ticket.settle(100, 0.0)  # 800 used: 80%
     again = admit(limiter, limits, tokens=50)
-    assert again.warning is not None and "85%" in again.warning
+    assert again.warning is not None
+    assert "80% of the daily token quota (800 of 1000 tokens)" in again.warning
+    again.settle(50, 0.0)
+    third = admit(limiter, limits, tokens=10)
+    assert third.warning is not None and "85%" in third.warning
     assert admit(limiter, limits, key="other", tokens=10).warning is None
     assert len(caplog.records) == 1
     assert caplog.records[0].name == "gateway.limits"
     assert "key k " in caplog.records[0].getMessage()
 
     clock.advance(86400)
-    admit(limiter, limits, tokens=900)
+    big = admit(limiter, limits, tokens=900)
+    assert big.warning is None  # a new day: nothing used yet
+    big.settle(900, 0.0)
+    assert admit(limiter, limits, tokens=1).warning is not None
     assert len(caplog.records) == 2  # a new day, a new line
 
 
@@ -595,7 +679,10 @@ def test_soft_limit_on_the_budget_logs_once_per_budget_period(
     assert len(caplog.records) == 1
     clock.to(datetime(2026, 4, 1, 0, 0, tzinfo=UTC))
     assert admit(limiter, limits, cost=0.1).warning is None
-    assert admit(limiter, limits, cost=5.0).warning is not None
+    reserved = admit(limiter, limits, cost=5.0)
+    assert reserved.warning is None  # held, not spent
+    reserved.settle(0, 5.0)
+    assert admit(limiter, limits, cost=0.1).warning is not None
     assert len(caplog.records) == 2
 
 

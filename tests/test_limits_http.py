@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
+import logging
 import time
+from collections.abc import AsyncIterator, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 from gateway.auth import hash_key, new_key
+from gateway.limits import Limiter
 
 from .conftest import CLIENT_KEY, Fakes, Gateway, MakeGateway, gateway_toml
 from .fakes.base import event_data, fixture_bytes, sse_events
@@ -53,11 +59,90 @@ async def chat(
         ) as resp,
     ):
         body = await resp.json() if resp.content_type == "application/json" else {}
-        return resp.status, body, resp.headers
+        return resp.status, body, checked(resp.status, resp.headers)
+
+
+def checked(status: int, headers: Any) -> Any:
+    """The response's headers, once it is seen that a 429 among them says when to try again:
+    so every 429 these tests meet is checked for Retry-After in whole seconds."""
+    if status == 429:
+        assert int(headers["Retry-After"]) >= 1
+    return headers
+
+
+Result = tuple[int, dict[str, Any], Any]
+
+
+async def chat_chunked(gateway: Gateway, key: str, body: bytes) -> Result:
+    """POST a chat body with Transfer-Encoding: chunked, so without Content-Length."""
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 16):
+            yield body[start : start + 16]
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gateway.base_url + "/chat/completions",
+            data=pieces(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        ) as resp,
+    ):
+        assert resp.request_info.headers.get("Transfer-Encoding") == "chunked"
+        body_out = await resp.json() if resp.content_type == "application/json" else {}
+        return resp.status, body_out, checked(resp.status, resp.headers)
+
+
+async def all_admitted_first(
+    gateway: Gateway, requests: list[Coroutine[Any, Any, Result]]
+) -> list[Result]:
+    """Run the requests at once, holding every admitted one at the upstream until each of them
+    was admitted or refused: no settlement frees room for a later admission, whatever the
+    machine's speed."""
+    gate = asyncio.Event()
+
+    async def held(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        await gate.wait()
+        return await gateway.fake.default(request, body)
+
+    for _ in requests:
+        gateway.fake.next_behaviour(held)
+    before = len(gateway.fake.requests)
+    tasks = [asyncio.ensure_future(r) for r in requests]
+    while len(gateway.fake.requests) - before + sum(t.done() for t in tasks) < len(tasks):
+        await asyncio.sleep(0.01)
+    gate.set()
+    return list(await asyncio.gather(*tasks))
+
+
+class StoppedClock:
+    """The limiter's monotonic clock, stopped until `start`: requests made while it is stopped
+    all happen at one instant, however long the machine takes to serve them."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+        self.since: float | None = None
+
+    def __call__(self) -> float:
+        return self.at if self.since is None else self.at + time.monotonic() - self.since
+
+    def start(self) -> None:
+        self.since = time.monotonic()
+
+
+def stop_clock(gateway: Gateway, wall: datetime | None = None) -> StoppedClock:
+    """Run the gateway's limiter on a `StoppedClock`, and on a wall clock fixed at `wall`."""
+    clock = StoppedClock()
+    at = wall.timestamp() if wall is not None else None
+    gateway.state.limiter = Limiter(
+        gateway.state.config.limits, clock=clock, wall=time.time if at is None else lambda: at
+    )
+    return clock
 
 
 async def test_n_plus_one_requests_give_one_429_with_headers(make_gateway: MakeGateway) -> None:
     gateway = await make_gateway(extra=keys("chat_per_minute = 3"))
+    stop_clock(gateway)  # the four requests come at one instant: exact numbers, no races
     results = [await chat(gateway, LIMITED) for _ in range(4)]
     assert [status for status, _, _ in results] == [200, 200, 200, 429]
     _, _, first = results[0]
@@ -66,13 +151,15 @@ async def test_n_plus_one_requests_give_one_429_with_headers(make_gateway: MakeG
     assert first["X-RateLimit-Reset-Requests"] == "20s"
     assert first["X-RateLimit-Limit"] == "3"
     assert first["X-RateLimit-Remaining"] == "2"
-    assert int(first["X-RateLimit-Reset"]) in (19, 20)
+    assert first["X-RateLimit-Reset"] == "20"
     assert results[2][2]["X-RateLimit-Remaining-Requests"] == "0"
+    assert results[2][2]["X-RateLimit-Reset-Requests"] == "1m0s"
     _status, body, headers = results[3]
     assert body["error"]["code"] == "rate_limit_exceeded"
     assert body["error"]["type"] == "rate_limit_error"
-    assert int(headers["Retry-After"]) in (19, 20)
+    assert headers["Retry-After"] == "20"  # until one request's worth has refilled
     assert headers["X-RateLimit-Remaining-Requests"] == "0"
+    assert headers["X-RateLimit-Reset-Requests"] == "1m0s"
     # the refused request was never sent upstream, and is not billed
     assert len(gateway.fake.requests) == 3
     assert len(await gateway.records()) == 3
@@ -109,13 +196,19 @@ async def test_forwarded_for_from_an_untrusted_peer_is_ignored(make_gateway: Mak
 
 async def test_sdk_retry_waits_for_retry_after(make_gateway: MakeGateway) -> None:
     gateway = await make_gateway(extra=keys("chat_per_minute = 60"))
-    client = gateway.aclient(key=LIMITED, max_retries=2)
+    clock = stop_clock(gateway)  # the 60 requests empty the bucket however long they take
+    client = gateway.aclient(key=LIMITED, max_retries=1)
     for _ in range(60):
         await client.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    clock.start()
     started = time.monotonic()
+    # refused once with Retry-After: 1 (one request's worth of refill), then served
     answer = await client.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    elapsed = time.monotonic() - started
     assert answer.choices[0].message.content
-    assert time.monotonic() - started >= 0.9  # one request's worth of refill: 1 s
+    assert gateway.state.metrics.rejections.values == {("rate_limit_exceeded",): 1.0}
+    assert len(gateway.fake.requests) == 61
+    assert elapsed >= 1.0  # the SDK waited what Retry-After said before trying again
 
 
 async def test_token_quota_counts_real_usage_and_says_insufficient_quota(
@@ -124,6 +217,7 @@ async def test_token_quota_counts_real_usage_and_says_insufficient_quota(
     # the recorded completion uses 14 + 37 = 51 tokens; the estimate reserves more (max_tokens)
     # each request reserves about 75 (its body / 4, plus max_tokens): the 4th does not fit
     gateway = await make_gateway(extra=keys("tokens_per_day = 200"))
+    stop_clock(gateway, wall=datetime(2026, 3, 10, 12, 0, tzinfo=UTC))
     for _ in range(3):
         status, _, headers = await chat(gateway, LIMITED, max_tokens=50)
         assert status == 200
@@ -131,7 +225,7 @@ async def test_token_quota_counts_real_usage_and_says_insufficient_quota(
     assert status == 429
     assert body["error"]["code"] == "insufficient_quota"
     assert body["error"]["type"] == "insufficient_quota"
-    assert int(headers["Retry-After"]) > 60  # until the daily reset
+    assert headers["Retry-After"] == str(12 * 3600)  # until the daily reset
     records = await gateway.records()
     assert sum(r.prompt_tokens + r.completion_tokens for r in records) == 153
 
@@ -164,12 +258,20 @@ async def test_fifty_concurrent_requests_against_room_for_ten(make_gateway: Make
     quota = 10 * estimate + estimate // 2  # room for exactly 10 reservations
     gateway = await make_gateway(extra=keys(f"tokens_per_day = {quota}"))
 
-    results = await asyncio.gather(*[chat(gateway, LIMITED, max_tokens=40) for _ in range(50)])
+    requests = [chat(gateway, LIMITED, max_tokens=40) for _ in range(50)]
+    results = await all_admitted_first(gateway, requests)
     admitted = [r for r in results if r[0] == 200]
     refused = [r for r in results if r[0] == 429]
     assert len(admitted) == 10
     assert len(refused) == 40
-    assert {r[1]["error"]["code"] for r in refused} <= {"insufficient_quota", "rate_limit_exceeded"}
+    # the quota is held by requests in flight, not yet used: still insufficient_quota, and
+    # worth trying again as soon as they settle
+    for _status, error, headers in refused:
+        assert (error["error"]["type"], error["error"]["code"]) == (
+            "insufficient_quota",
+            "insufficient_quota",
+        )
+        assert headers["Retry-After"] == "1"
     records = [r for r in await gateway.records() if r.key_id == "limited"]
     used = sum(r.prompt_tokens + r.completion_tokens for r in records)
     # the documented bound: the quota plus what admitted requests used beyond their reservation
@@ -178,14 +280,23 @@ async def test_fifty_concurrent_requests_against_room_for_ten(make_gateway: Make
     assert used == 10 * 51  # the recorded completion's usage, each time
 
 
-async def test_soft_limit_warning(make_gateway: MakeGateway) -> None:
-    extra = keys("tokens_per_day = 200") + "[limits]\nsoft_limit = 0.5\n"
+async def test_soft_limit_warning_counts_real_usage_not_reservations(
+    make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.limits")
+    # the soft limit is 100 tokens; each request reserves over 600 and really uses 51
+    extra = keys("tokens_per_day = 2000") + "[limits]\nsoft_limit = 0.05\n"
     gateway = await make_gateway(extra=extra)
-    _, _, first = await chat(gateway, LIMITED, max_tokens=10)
-    assert "X-Gateway-Warning" not in first
-    await chat(gateway, LIMITED, max_tokens=10)
-    _, _, third = await chat(gateway, LIMITED, max_tokens=10)
-    assert "X-Gateway-Warning" in third
+    warnings = []
+    for _ in range(4):
+        status, _, headers = await chat(gateway, LIMITED, max_tokens=600)
+        assert status == 200
+        warnings.append(headers.get("X-Gateway-Warning"))
+    assert warnings[:2] == [None, None]  # 0, then 51 used: a reservation is no usage
+    assert warnings[2] is not None and "(102 of 2000 tokens)" in warnings[2]
+    assert warnings[3] is not None and "(153 of 2000 tokens)" in warnings[3]
+    logged = [r.getMessage() for r in caplog.records if "soft limit" in r.getMessage()]
+    assert len(logged) == 1 and "key limited " in logged[0] and "102 of 2000" in logged[0]
 
 
 async def test_budget_cuts_a_stream_mid_way(make_gateway: MakeGateway) -> None:
@@ -262,5 +373,206 @@ async def test_standard_endpoints_have_their_own_bucket(
                 gateway.url + endpoint, headers={"Authorization": f"Bearer {LIMITED}"}
             ) as r:
                 statuses.append(r.status)
+                checked(r.status, r.headers)
     assert statuses == [200, 429]
     assert (await chat(gateway, LIMITED))[0] == 200  # chat has its own bucket
+
+
+async def test_chunked_bodies_reserve_their_size_against_the_quota(
+    make_gateway: MakeGateway,
+) -> None:
+    body = json.dumps({"model": "openai/gpt-4o", "messages": MESSAGES, "max_tokens": 40}).encode()
+    estimate = len(body) // 4 + 40  # what admission must reserve, Content-Length or not
+    quota = 10 * estimate + estimate // 2  # room for exactly 10 reservations
+    gateway = await make_gateway(extra=keys(f"tokens_per_day = {quota}"))
+
+    requests = [chat_chunked(gateway, LIMITED, body) for _ in range(50)]
+    results = await all_admitted_first(gateway, requests)
+    admitted = [r for r in results if r[0] == 200]
+    assert len(admitted) == 10
+    assert len(admitted) * estimate <= quota  # the reservations never exceeded the quota
+    assert {r[1]["error"]["code"] for r in results if r[0] != 200} == {"insufficient_quota"}
+    remaining = {int(r[2]["X-RateLimit-Remaining-Tokens"]) for r in admitted}
+    assert min(remaining) == quota - 10 * estimate
+
+
+async def test_n_choices_reserve_n_times_the_output(make_gateway: MakeGateway) -> None:
+    one = {"model": "openai/gpt-4o", "messages": MESSAGES, "max_tokens": 40}
+    prompt = len(json.dumps({**one, "n": 3}).encode()) // 4
+    estimate = prompt + 3 * 40
+    quota = 3 * estimate + estimate // 2  # room for 3 answers of three choices (9 of one)
+    gateway = await make_gateway(extra=keys(f"tokens_per_day = {quota}"))
+
+    requests = [chat(gateway, LIMITED, max_tokens=40, n=3) for _ in range(10)]
+    results = await all_admitted_first(gateway, requests)
+    assert [r[0] for r in results].count(200) == 3
+    assert {r[1]["error"]["code"] for r in results if r[0] == 429} == {"insufficient_quota"}
+
+
+def assert_limit_headers(headers: Any, requests: tuple[str, str], tokens: tuple[str, str]) -> None:
+    """The X-RateLimit-* headers carry (limit, remaining) for requests and for tokens."""
+    assert (headers["X-RateLimit-Limit-Requests"], headers["X-RateLimit-Remaining-Requests"]) == (
+        requests
+    )
+    assert (headers["X-RateLimit-Limit"], headers["X-RateLimit-Remaining"]) == requests
+    assert headers["X-RateLimit-Reset-Requests"]
+    assert int(headers["X-RateLimit-Reset"]) >= 0
+    assert (headers["X-RateLimit-Limit-Tokens"], headers["X-RateLimit-Remaining-Tokens"]) == (
+        tokens
+    )
+    assert headers["X-RateLimit-Reset-Tokens"]
+
+
+async def test_every_answer_to_a_key_carries_the_rate_limit_headers(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway(extra=keys("chat_per_minute = 5\ntokens_per_day = 100000"))
+    stop_clock(gateway)
+    auth = {"Authorization": f"Bearer {LIMITED}"}
+    async with aiohttp.ClientSession() as session:
+        # refused before admission (a 400, a 404): nothing is taken, the headers still come
+        async with session.post(
+            gateway.base_url + "/chat/completions", json={"model": "openai/gpt-4o"}, headers=auth
+        ) as r:
+            assert r.status == 400
+            assert_limit_headers(r.headers, ("5", "5"), ("100000", "100000"))
+        async with session.post(
+            gateway.base_url + "/chat/completions",
+            json={"model": "openai/nope", "messages": MESSAGES},
+            headers=auth,
+        ) as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["code"] == "model_not_found"
+            assert_limit_headers(r.headers, ("5", "5"), ("100000", "100000"))
+        async with session.post(
+            gateway.base_url + "/chat/completions",
+            data=b"{not json",
+            headers={**auth, "Content-Type": "application/json"},
+        ) as r:
+            assert r.status == 400
+            assert_limit_headers(r.headers, ("5", "5"), ("100000", "100000"))
+
+    # an upstream error, after admission
+    gateway.fake.next_json(500, {"error": {"message": "boom", "type": "server_error"}})
+    status, _, headers = await chat(gateway, LIMITED)
+    assert status == 502
+    assert headers["X-RateLimit-Remaining-Requests"] == "4"
+    assert headers["X-RateLimit-Limit-Tokens"] == "100000"
+
+    # a stream
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gateway.base_url + "/chat/completions",
+            json={"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True},
+            headers=auth,
+        ) as r,
+    ):
+        assert r.status == 200
+        assert r.content_type == "text/event-stream"
+        assert r.headers["X-RateLimit-Remaining-Requests"] == "3"
+        assert r.headers["X-RateLimit-Limit-Tokens"] == "100000"
+        await r.read()
+
+    for _ in range(3):
+        assert (await chat(gateway, LIMITED))[0] == 200
+    status, _, headers = await chat(gateway, LIMITED)  # and a 429
+    assert status == 429
+    assert headers["X-RateLimit-Remaining-Requests"] == "0"
+    assert headers["X-RateLimit-Limit-Tokens"] == "100000"
+    assert headers["Retry-After"] == "12"
+
+
+async def test_headers_name_the_most_constraining_limit(make_gateway: MakeGateway) -> None:
+    extra = (
+        keys("chat_per_minute = 10", tier="small")
+        + """
+[tiers.small]
+requests_per_day = 3
+tokens_per_day = 100000
+
+[limits]
+ip_chat_per_minute = 2
+trusted_proxies = ["127.0.0.1"]
+"""
+    )
+    gateway = await make_gateway(extra=extra)
+    stop_clock(gateway, wall=datetime(2026, 3, 10, 12, 0, tzinfo=UTC))
+    # key bucket 9 left, the IP's 1, the tier's day 2: the IP's bucket
+    _, _, headers = await chat(gateway, LIMITED, {"X-Forwarded-For": "10.0.0.1"})
+    assert (headers["X-RateLimit-Limit-Requests"], headers["X-RateLimit-Remaining-Requests"]) == (
+        "2",
+        "1",
+    )
+    assert headers["X-RateLimit-Reset-Requests"] == "30s"
+    # from another address: key 8, IP 1, day 1; the day takes longer to come back
+    _, _, headers = await chat(gateway, LIMITED, {"X-Forwarded-For": "10.0.0.2"})
+    assert (headers["X-RateLimit-Limit-Requests"], headers["X-RateLimit-Remaining-Requests"]) == (
+        "3",
+        "1",
+    )
+    assert headers["X-RateLimit-Reset-Requests"] == "12h0m0s"
+    assert headers["X-RateLimit-Reset"] == str(12 * 3600)
+    status, _, headers = await chat(gateway, LIMITED, {"X-Forwarded-For": "10.0.0.1"})
+    assert status == 200
+    assert headers["X-RateLimit-Remaining-Requests"] == "0"
+    # the tokens family: the tier's daily tokens, as no tokens-per-minute limit applies
+    assert headers["X-RateLimit-Limit-Tokens"] == "100000"
+    assert int(headers["X-RateLimit-Remaining-Tokens"]) < 100000 - 2 * 51
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "lowest", "highest"),
+    [
+        ("7", 7, 7),
+        ("1.2", 2, 2),  # whole seconds, rounded up
+        ("0", 1, 1),  # never less than 1
+        (None, 1, 1),  # an upstream 429 without one still says when
+        ("soon", 1, 1),
+        ("http-date", 100, 121),  # an HTTP date, about 2 minutes ahead
+    ],
+)
+async def test_upstream_429s_carry_retry_after_in_whole_seconds(
+    make_gateway: MakeGateway, retry_after: str | None, lowest: int, highest: int
+) -> None:
+    gateway = await make_gateway(extra=keys("chat_per_minute = 5"))
+    if retry_after == "http-date":
+        retry_after = email.utils.formatdate(time.time() + 120, usegmt=True)
+    gateway.fake.next_json(
+        429,
+        {"error": {"message": "Slow down", "type": "requests", "code": "rate_limit_exceeded"}},
+        headers={"Retry-After": retry_after} if retry_after is not None else None,
+    )
+    status, body, headers = await chat(gateway, LIMITED)
+    assert status == 429
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert lowest <= int(headers["Retry-After"]) <= highest
+    assert headers["X-RateLimit-Limit-Requests"] == "5"  # the key's own limits, as ever
+
+
+async def test_quota_429s_say_when_the_quota_comes_back(make_gateway: MakeGateway) -> None:
+    noon = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)  # 12 h to the daily reset
+    gateway = await make_gateway(extra=keys("tokens_per_day = 1000"))
+    stop_clock(gateway, wall=noon)
+    # larger than the whole quota: never passes; the SDKs are told not to retry
+    status, body, headers = await chat(gateway, LIMITED, max_tokens=5000)
+    assert (status, body["error"]["code"]) == (429, "insufficient_quota")
+    assert headers["x-should-retry"] == "false"
+    assert headers["Retry-After"] == str(12 * 3600)  # until the daily reset
+    # used up: until the daily reset
+    for _ in range(8):
+        assert (await chat(gateway, LIMITED, max_tokens=10))[0] == 200
+    status, body, headers = await chat(gateway, LIMITED, max_tokens=600)
+    assert (status, body["error"]["code"]) == (429, "insufficient_quota")
+    assert headers["Retry-After"] == str(12 * 3600)
+    assert "x-should-retry" not in headers
+
+    # a monthly budget spent: until the month's end (one answer costs about $0.0004)
+    gateway = await make_gateway(extra=keys('budget = 0.0003\nbudget_period = "month"'))
+    stop_clock(gateway, wall=noon)
+    assert (await chat(gateway, LIMITED, max_tokens=10))[0] == 200
+    status, body, headers = await chat(gateway, LIMITED, max_tokens=10)
+    assert (status, body["error"]["code"]) == (429, "insufficient_quota")
+    month_left = datetime(2026, 4, 1, tzinfo=UTC) - noon
+    assert headers["Retry-After"] == str(int(month_left.total_seconds()))
+    assert "x-should-retry" not in headers
