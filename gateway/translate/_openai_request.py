@@ -36,6 +36,7 @@ COMMON_PARAMETERS = frozenset(
         "parallel_tool_calls",
         "response_format",
         "user",
+        "safety_identifier",
         "store",
         "metadata",
     }
@@ -76,6 +77,16 @@ def _is_default(name: str, value: object) -> bool:
         "service_tier": "auto",
     }
     return name in defaults and value == defaults[name]
+
+
+def no_conversation(provider_kind: str) -> InvalidRequest:
+    """The error for messages that leave nothing to answer once system messages are set apart."""
+    return InvalidRequest(
+        f"'messages' must hold at least one non-empty user, assistant or tool message for "
+        f"{provider_kind} models; system and developer messages alone are not a conversation.",
+        param="messages",
+        code="invalid_value",
+    )
 
 
 def max_output_tokens(body: ChatCompletionRequest) -> int | None:
