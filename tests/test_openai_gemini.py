@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 from typing import Any
 
@@ -202,7 +203,8 @@ async def test_thinking_and_function_call_stream(gateway: Gateway) -> None:
     assert kinds[1][0] == "reasoning" and kinds[1][1].startswith("**Calculating the Days**")
     tool = next(v for k, v in kinds if k == "tool")
     assert tool[0] == 0 and tool[2] == "now"
-    assert "~" in tool[1]  # the thought signature rides in the id
+    assert "__" in tool[1]  # the thought signature rides in the id
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", tool[1])
     assert ("args", (0, "{}")) in kinds
     assert kinds[-2] == ("finish", "tool_calls")
     usage = kinds[-1][1]
@@ -441,6 +443,11 @@ async def test_json_mode(gateway: Gateway) -> None:
             {"messages": [{"role": "tool", "tool_call_id": "nope", "content": "x"}]},
             "messages[0].tool_call_id",
         ),
+        ({"messages": [{"role": "system", "content": "Be brief."}]}, "messages"),
+        (
+            {"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": ""}]},
+            "messages",
+        ),
         (
             {
                 "messages": [
@@ -584,3 +591,140 @@ async def test_embeddings(gateway: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         await client.embeddings.create(model="google/embedding", input=[[1, 2, 3]])
     assert caught.value.param == "input"
+
+
+async def test_function_declarations_follow_the_v1beta_proto(gateway: Gateway) -> None:
+    await completion_of(
+        gateway,
+        {
+            "model": FLASH,
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "lookup",  # no description
+                        "strict": True,
+                        "parameters": {
+                            "$schema": "http://json-schema.org/draft-07/schema#",
+                            "type": "object",
+                            "properties": {"q": {"type": "string"}},
+                            "required": ["q"],
+                            "additionalProperties": False,
+                        },
+                    },
+                },
+                {"type": "function", "function": {"name": "ping", "description": "Ping."}},
+            ],
+        },
+    )
+    # the fake checks the body against the proto field table: description is REQUIRED there
+    assert gateway.gemini.violations == []
+    assert gateway.gemini.requests[-1].body["tools"] == [
+        {
+            "functionDeclarations": [
+                {
+                    "name": "lookup",
+                    "description": "",  # what the recorded pydantic-ai request sends
+                    "parametersJsonSchema": {
+                        "type": "object",
+                        "properties": {"q": {"type": "string"}},
+                        "required": ["q"],
+                        "additionalProperties": False,  # as in the spec's own example
+                    },
+                },
+                {"name": "ping", "description": "Ping."},
+            ]
+        }
+    ]
+
+
+def _finish_reasons() -> list[str]:
+    table = json.loads(fixture_bytes("gemini/generativelanguage-v1beta-fields.json"))
+    return [v["name"] for v in table["types"]["Candidate.FinishReason"]["values"]]
+
+
+FILTERED = {
+    "SAFETY",
+    "RECITATION",
+    "BLOCKLIST",
+    "PROHIBITED_CONTENT",
+    "SPII",
+    "IMAGE_SAFETY",
+    "IMAGE_PROHIBITED_CONTENT",
+    "IMAGE_RECITATION",
+    "LANGUAGE",
+}
+FAILED_CALLS = {"MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL"}
+
+
+def _answer(reason: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "candidates": [
+            {"content": {"parts": parts, "role": "model"}, "finishReason": reason, "index": 0}
+        ],
+        "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 1, "totalTokenCount": 4},
+        "responseId": "r1",
+    }
+
+
+@pytest.mark.parametrize("reason", _finish_reasons())
+@pytest.mark.parametrize("stream", [False, True])
+async def test_every_finish_reason_of_the_proto(
+    gateway: Gateway, reason: str, stream: bool
+) -> None:
+    answer = _answer(reason, [{"text": "Hi"}])
+    if stream:
+        gateway.gemini.next_stream(events=[b"data: " + json.dumps(answer).encode() + b"\r\n\r\n"])
+    else:
+        gateway.gemini.next_json(200, answer)
+    client = gateway.aclient(max_retries=0)
+    messages: list[Any] = [{"role": "user", "content": "x"}]
+    if reason in FAILED_CALLS:
+        with pytest.raises(openai.APIError) as caught:
+            if stream:
+                async for _ in await client.chat.completions.create(
+                    model=FLASH, messages=messages, stream=True
+                ):
+                    pass
+            else:
+                await client.chat.completions.create(model=FLASH, messages=messages)
+        assert caught.value.code == "upstream_invalid_function_call"
+        assert reason in caught.value.message
+        if not stream:
+            assert isinstance(caught.value, openai.APIStatusError)
+            assert caught.value.status_code == 502  # the SDKs retry it
+        return
+    expected = (
+        "length" if reason == "MAX_TOKENS" else "content_filter" if reason in FILTERED else "stop"
+    )
+    if stream:
+        kinds = deltas(await chunks_of(gateway, {"model": FLASH, "messages": messages}))
+        assert kinds[1:] == [("content", "Hi"), ("finish", expected)]
+    else:
+        final = await client.chat.completions.create(model=FLASH, messages=messages)
+        assert final.choices[0].finish_reason == expected
+        assert final.choices[0].message.content == "Hi"
+
+
+@pytest.mark.parametrize("reason", ["STOP", "MAX_TOKENS", "SAFETY"])
+async def test_function_calls_with_each_finish_reason(gateway: Gateway, reason: str) -> None:
+    gateway.gemini.next_json(200, _answer(reason, [{"functionCall": {"name": "f", "args": {}}}]))
+    final = await gateway.aclient().chat.completions.create(
+        model=FLASH, messages=[{"role": "user", "content": "x"}]
+    )
+    expected = {"STOP": "tool_calls", "MAX_TOKENS": "length", "SAFETY": "content_filter"}
+    assert final.choices[0].finish_reason == expected[reason]
+
+
+async def test_blocked_prompt_without_candidates_answers_content_filter(
+    gateway: Gateway,
+) -> None:
+    fixture = "gemini/firebase_googleai_streaming-failure-prompt-blocked-safety.sse"
+    gateway.gemini.next_recording(fixture)  # as a whole answer: promptFeedback, no candidates
+    completion = await completion_of(
+        gateway, {"model": FLASH, "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert "candidates" not in gateway.gemini.accumulate(fixture_bytes(fixture))
+    assert completion["choices"][0]["finish_reason"] == "content_filter"
+    assert completion["choices"][0]["message"]["content"] == ""
