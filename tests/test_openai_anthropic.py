@@ -323,6 +323,9 @@ async def test_max_tokens_default_and_named_tool_choice(gateway: Gateway) -> Non
         ({"store": True}, "store"),
         # Claude models since Sonnet 4.5 refuse both; one of them alone is fine
         ({"temperature": 0.5, "top_p": 0.9}, "top_p"),
+        ({"top_k": "3"}, "top_k"),
+        ({"thinking": "on"}, "thinking"),
+        ({"safety_identifier": 5}, "safety_identifier"),
         ({"messages": [{"role": "system", "content": "Be brief."}]}, "messages"),
         (
             {"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": ""}]},
@@ -552,3 +555,54 @@ async def test_tool_ids_from_elsewhere_are_made_valid_for_anthropic(gateway: Gat
     assert uses == results
     assert uses[1] == "toolu_ok-1"  # valid ids are kept as they are
     assert uses[0] != odd
+
+
+# What the README's translator section lists as dropped for Anthropic: none of it may reach
+# the upstream raw (the fake refuses unknown fields, as the API does).
+APPROXIMATED = {
+    "model": MODEL,
+    "messages": [
+        {"role": "system", "content": "Be brief.", "name": "policy"},
+        {
+            "role": "user",
+            "name": "alice",
+            "content": [
+                {"type": "text", "text": "Look:"},
+                {
+                    "type": "image_url",
+                    "image_url": {"url": "https://example.com/cat.jpg", "detail": "low"},
+                },
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "A cat."}, {"type": "refusal", "refusal": "x"}],
+        },
+        {"role": "user", "content": "Thanks"},
+    ],
+    "metadata": {"team": "blue"},
+    "store": False,
+    "stream_options": None,
+    "presence_penalty": 0,
+    "logprobs": False,
+    "service_tier": "auto",
+    "tools": [
+        {
+            "type": "function",
+            "function": {"name": "f", "strict": True, "parameters": {"type": "object"}},
+        }
+    ],
+}
+
+
+async def test_fields_without_a_counterpart_are_not_forwarded(gateway: Gateway) -> None:
+    await completion_of(gateway, copy.deepcopy(APPROXIMATED))
+    assert gateway.anthropic.violations == []
+    sent = gateway.anthropic.requests[-1].body
+    assert "metadata" not in sent  # OpenAI's metadata is a tag map; Anthropic's has user_id only
+    assert sent["messages"][0]["content"][1]["source"] == {
+        "type": "url",
+        "url": "https://example.com/cat.jpg",
+    }
+    assert sent["messages"][1]["content"] == "A cat."
+    assert sent["tools"][0]["strict"] is True  # Anthropic has strict tools of its own

@@ -438,6 +438,8 @@ async def test_json_mode(gateway: Gateway) -> None:
         ({"parallel_tool_calls": False}, "parallel_tool_calls"),
         ({"logprobs": True}, "logprobs"),
         ({"logit_bias": {"1": 2}}, "logit_bias"),
+        ({"top_k": 0}, "top_k"),
+        ({"seed": "7"}, "seed"),
         ({"stop": ["a", "b", "c", "d", "e", "f"]}, "stop"),
         (
             {"messages": [{"role": "tool", "tool_call_id": "nope", "content": "x"}]},
@@ -728,3 +730,48 @@ async def test_blocked_prompt_without_candidates_answers_content_filter(
     assert "candidates" not in gateway.gemini.accumulate(fixture_bytes(fixture))
     assert completion["choices"][0]["finish_reason"] == "content_filter"
     assert completion["choices"][0]["message"]["content"] == ""
+
+
+async def test_fields_without_a_counterpart_are_not_forwarded(gateway: Gateway) -> None:
+    """What the README's translator section lists as dropped for Gemini never reaches the
+    upstream raw (the fake refuses fields outside the proto, as the API does)."""
+    await completion_of(
+        gateway,
+        {
+            "model": FLASH,
+            "messages": [
+                {"role": "system", "content": "Be brief.", "name": "policy"},
+                {
+                    "role": "user",
+                    "name": "alice",
+                    "content": [
+                        {"type": "text", "text": "Look:"},
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "data:image/png;base64,iVBO", "detail": "high"},
+                        },
+                    ],
+                },
+            ],
+            "user": "u-1",
+            "safety_identifier": "hashed-u-1",
+            "metadata": {"team": "blue"},
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {"name": "f", "strict": True, "parameters": {"type": "object"}},
+                }
+            ],
+        },
+    )
+    assert gateway.gemini.violations == []
+    body = gateway.gemini.requests[-1].body
+    assert set(body) == {"contents", "systemInstruction", "tools"}
+    assert body["contents"][0]["parts"][1] == {
+        "inlineData": {"mimeType": "image/png", "data": "iVBO"}
+    }
+    assert body["tools"][0]["functionDeclarations"][0] == {
+        "name": "f",
+        "description": "",
+        "parametersJsonSchema": {"type": "object"},
+    }

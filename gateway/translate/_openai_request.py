@@ -89,6 +89,21 @@ def no_conversation(provider_kind: str) -> InvalidRequest:
     )
 
 
+def integer_field(body: JSONObject, name: str, minimum: int | None = None) -> int | None:
+    """An integer parameter (`top_k`, `seed`) checked before it reaches a provider."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or (minimum is not None and value < minimum)
+    ):
+        at_least = f" of at least {minimum}" if minimum is not None else ""
+        raise InvalidRequest(f"'{name}' must be an integer{at_least}.", param=name)
+    return value
+
+
 def max_output_tokens(body: ChatCompletionRequest) -> int | None:
     value = body.get("max_completion_tokens") or body.get("max_tokens")
     return value if isinstance(value, int) else None

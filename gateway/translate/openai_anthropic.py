@@ -124,16 +124,28 @@ class OpenAIToAnthropicChat:
                 )
             out["top_p"] = top_p
         extra = raw_body
-        if isinstance(extra.get("top_k"), int):
-            out["top_k"] = extra["top_k"]
-        if isinstance(extra.get("thinking"), dict):
-            out["thinking"] = extra["thinking"]
+        top_k = req.integer_field(extra, "top_k", minimum=1)
+        if top_k is not None:
+            out["top_k"] = top_k
+        thinking = extra.get("thinking")
+        if thinking is not None:
+            if not isinstance(thinking, dict):
+                raise InvalidRequest(
+                    "'thinking' must be an Anthropic thinking object, "
+                    'e.g. {"type": "enabled", "budget_tokens": 2048}.',
+                    param="thinking",
+                )
+            out["thinking"] = thinking
         stops = req.stop_sequences(body)
         if stops:
             out["stop_sequences"] = stops
         # safety_identifier is OpenAI's newer name for what `user` was for
         user_id = extra.get("safety_identifier") or body.get("user")
-        if isinstance(user_id, str) and user_id:
+        if user_id:
+            if not isinstance(user_id, str):
+                raise InvalidRequest(
+                    "'safety_identifier' must be a string.", param="safety_identifier"
+                )
             out["metadata"] = {"user_id": user_id}
         output_config = _output_config(body, extra)
         if output_config:

@@ -588,11 +588,15 @@ def _generation_config(body: ChatCompletionRequest, extra: JSONObject) -> JSONOb
     max_tokens = req.max_output_tokens(body)
     if max_tokens is not None:
         config["maxOutputTokens"] = max_tokens
+    top_k = req.integer_field(extra, "top_k", minimum=1)
+    if top_k is not None:
+        config["topK"] = top_k
+    seed = req.integer_field(extra, "seed")
+    if seed is not None:
+        config["seed"] = seed
     for ours, theirs in (
         ("temperature", "temperature"),
         ("top_p", "topP"),
-        ("top_k", "topK"),
-        ("seed", "seed"),
         ("presence_penalty", "presencePenalty"),
         ("frequency_penalty", "frequencyPenalty"),
     ):
