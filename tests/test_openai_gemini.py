@@ -775,3 +775,17 @@ async def test_fields_without_a_counterpart_are_not_forwarded(gateway: Gateway) 
         "description": "",
         "parametersJsonSchema": {"type": "object"},
     }
+
+
+async def test_embeddings_up_to_one_batch(gateway: Gateway) -> None:
+    client = gateway.aclient()
+    inputs = [f"text {i}" for i in range(101)]
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.embeddings.create(model="google/embedding", input=inputs)
+    assert caught.value.param == "input"
+    assert "at most 100" in caught.value.message
+    assert gateway.gemini.requests == []
+
+    result = await client.embeddings.create(model="google/embedding", input=inputs[:100])
+    assert [d.index for d in result.data] == list(range(100))
+    assert len(gateway.gemini.requests[-1].body["requests"]) == 100

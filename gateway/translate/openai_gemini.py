@@ -263,9 +263,18 @@ class OpenAIToGeminiChat:
         return _error(status, obj if isinstance(obj, dict) else {}, headers, self.provider)
 
 
+# batchEmbedContents takes at most this many requests in one call
+MAX_EMBEDDING_BATCH = 100
+
+
 @register("gemini", "embeddings")
 class OpenAIToGeminiEmbeddings:
-    """OpenAI embeddings to batchEmbedContents: one request for all inputs."""
+    """OpenAI embeddings to batchEmbedContents: one request for all inputs.
+
+    More inputs than one batch holds would need several upstream calls, which the request
+    path cannot make for one translator yet: they are a 400 naming `input` (so that a route
+    with a fallback hands them to the next deployment).
+    """
 
     def __init__(self, deployment: Deployment, requested: str) -> None:
         self.deployment = deployment
@@ -290,6 +299,13 @@ class OpenAIToGeminiEmbeddings:
             {"model", "input", "encoding_format", "dimensions", "user"},
             "gemini",
         )
+        if len(inputs) > MAX_EMBEDDING_BATCH:
+            raise InvalidRequest(
+                f"gemini embedding models take at most {MAX_EMBEDDING_BATCH} inputs per "
+                f"request, got {len(inputs)}; send them in several requests.",
+                param="input",
+                code="unsupported_value",
+            )
         self._inputs = inputs
         self._base64 = body.get("encoding_format") == "base64"
         model = "models/" + self.deployment.upstream_model.removeprefix("models/")
