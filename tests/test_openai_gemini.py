@@ -789,3 +789,42 @@ async def test_embeddings_up_to_one_batch(gateway: Gateway) -> None:
     result = await client.embeddings.create(model="google/embedding", input=inputs[:100])
     assert [d.index for d in result.data] == list(range(100))
     assert len(gateway.gemini.requests[-1].body["requests"]) == 100
+
+
+@pytest.mark.parametrize(
+    ("call_id", "gemini_id", "signature"),
+    [
+        ("call_abc__c2ln-_w", "call_abc", "c2ln+/w="),  # URL-safe, unpadded, as handed out now
+        ("call_abc~c2ln+/w=", "call_abc", "c2ln+/w="),  # the '~' form handed out before
+        ("call_plain", "call_plain", None),
+    ],
+)
+async def test_tool_call_ids_give_back_gemini_id_and_signature(
+    gateway: Gateway, call_id: str, gemini_id: str, signature: str | None
+) -> None:
+    await completion_of(
+        gateway,
+        {
+            "model": FLASH,
+            "messages": [
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": call_id,
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "{}"},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": call_id, "content": "done"},
+            ],
+        },
+    )
+    contents = gateway.gemini.requests[-1].body["contents"]
+    part = contents[1]["parts"][0]
+    assert part["functionCall"]["id"] == gemini_id
+    assert part.get("thoughtSignature") == signature
+    assert contents[2]["parts"][0]["functionResponse"]["id"] == gemini_id
