@@ -326,6 +326,7 @@ async def test_max_tokens_default_and_named_tool_choice(gateway: Gateway) -> Non
         ({"top_k": "3"}, "top_k"),
         ({"thinking": "on"}, "thinking"),
         ({"safety_identifier": 5}, "safety_identifier"),
+        ({"messages": []}, "messages"),
         ({"messages": [{"role": "system", "content": "Be brief."}]}, "messages"),
         (
             {"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": ""}]},
@@ -385,6 +386,7 @@ async def test_what_anthropic_cannot_do_is_a_400_naming_it(
             model=MODEL, messages=messages, extra_body=extra
         )
     assert caught.value.param == param
+    assert caught.value.type == "invalid_request_error"
     assert gateway.anthropic.requests == []
 
 

@@ -445,6 +445,7 @@ async def test_json_mode(gateway: Gateway) -> None:
             {"messages": [{"role": "tool", "tool_call_id": "nope", "content": "x"}]},
             "messages[0].tool_call_id",
         ),
+        ({"messages": []}, "messages"),
         ({"messages": [{"role": "system", "content": "Be brief."}]}, "messages"),
         (
             {"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": ""}]},
@@ -470,6 +471,7 @@ async def test_what_gemini_cannot_do_is_a_400_naming_it(
             model=FLASH, messages=messages, extra_body=extra
         )
     assert caught.value.param == param
+    assert caught.value.type == "invalid_request_error"
     assert gateway.gemini.requests == []
 
 
