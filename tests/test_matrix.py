@@ -7,7 +7,9 @@ stop, a rate-limit error), the fake's answer is written in that provider's docum
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -345,3 +347,223 @@ async def test_mid_stream_failure(gateway: Gateway, name: str) -> None:
         async for _ in stream:
             pass
     assert caught.value.code in ("upstream_connection_lost", "upstream_stream_incomplete")
+
+
+@providers
+@pytest.mark.parametrize("which", ["tool_call", "after_tool"])
+async def test_stream_and_whole_answer_agree(gateway: Gateway, name: str, which: str) -> None:
+    p = PROVIDERS[name]
+    fixture = p.tool_call if which == "tool_call" else p.after_tool
+    fake = p.fake(gateway)
+    fake.next_recording(fixture)
+    fake.next_recording(fixture)
+    client = gateway.aclient()
+    messages: list[Any] = [{"role": "user", "content": "What's the weather?"}]
+    whole = await client.chat.completions.create(model=p.model, messages=messages, tools=TOOLS)
+    async with client.chat.completions.stream(
+        model=p.model, messages=messages, tools=TOOLS, stream_options={"include_usage": True}
+    ) as stream:
+        streamed = await stream.get_final_completion()
+
+    def essence(answer: openai.types.chat.ChatCompletion) -> Any:
+        choice = answer.choices[0]
+        calls = [
+            (c.id, c.function.name, json.loads(c.function.arguments))  # type: ignore[union-attr]
+            for c in choice.message.tool_calls or []
+        ]
+        return choice.message.content, calls, choice.finish_reason, answer.usage
+
+    assert essence(whole) == essence(streamed)
+    assert essence(whole)[2] == ("tool_calls" if which == "tool_call" else "stop")
+    assert whole.usage is not None and whole.usage.total_tokens > 0
+
+
+@providers
+async def test_json_object_output(gateway: Gateway, name: str) -> None:
+    p = PROVIDERS[name]
+    ask = gateway.aclient().chat.completions.create(
+        model=p.model,
+        messages=[{"role": "user", "content": "A JSON object with a city, please."}],
+        response_format={"type": "json_object"},
+    )
+    if name == "anthropic":
+        # Anthropic's structured output needs a schema; there is no "any JSON object" mode
+        with pytest.raises(openai.BadRequestError) as caught:
+            await ask
+        assert caught.value.param == "response_format"
+        assert p.fake(gateway).requests == []
+        return
+    await ask
+    body = p.fake(gateway).requests[-1].body
+    if name == "openai":
+        assert body["response_format"] == {"type": "json_object"}
+    else:
+        assert body["generationConfig"]["responseMimeType"] == "application/json"
+        assert "responseJsonSchema" not in body["generationConfig"]
+
+
+CACHED_ANSWERS: dict[str, tuple[dict[str, Any], list[bytes]]] = {
+    # (whole answer, stream events) reporting 30 cached input tokens out of 100 in all
+    "anthropic": (
+        {
+            "id": "msg_cache",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-haiku-4-5",
+            "content": [{"type": "text", "text": "Hi"}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": 60,
+                "cache_read_input_tokens": 30,
+                "cache_creation_input_tokens": 10,
+                "output_tokens": 2,
+            },
+        },
+        [
+            b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_cache",'
+            b'"type":"message","role":"assistant","model":"claude-haiku-4-5","content":[],'
+            b'"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":60,'
+            b'"cache_read_input_tokens":30,"cache_creation_input_tokens":10,"output_tokens":1}}}\n\n',
+            b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+            b'"content_block":{"type":"text","text":""}}\n\n',
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+            b'"delta":{"type":"text_delta","text":"Hi"}}\n\n',
+            b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+            b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":'
+            b'"end_turn","stop_sequence":null},"usage":{"output_tokens":2}}\n\n',
+            b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+        ],
+    ),
+    "google": (
+        {
+            "candidates": [
+                {
+                    "content": {"parts": [{"text": "Hi"}], "role": "model"},
+                    "finishReason": "STOP",
+                    "index": 0,
+                }
+            ],
+            # promptTokenCount includes the cached content
+            "usageMetadata": {
+                "promptTokenCount": 100,
+                "cachedContentTokenCount": 30,
+                "candidatesTokenCount": 2,
+                "totalTokenCount": 102,
+            },
+            "responseId": "cache1",
+        },
+        [],
+    ),
+}
+CACHED_ANSWERS["google"][1].append(
+    b"data: " + json.dumps(CACHED_ANSWERS["google"][0]).encode() + b"\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("name", list(CACHED_ANSWERS))
+@pytest.mark.parametrize("stream", [False, True])
+async def test_cached_tokens_in_prompt_tokens_details(
+    gateway: Gateway, name: str, stream: bool
+) -> None:
+    p = PROVIDERS[name]
+    whole, events = CACHED_ANSWERS[name]
+    client = gateway.aclient()
+    messages: list[Any] = [{"role": "user", "content": "Hello"}]
+    if stream:
+        p.fake(gateway).next_stream(events=events)
+        chunks = [
+            c
+            async for c in await client.chat.completions.create(
+                model=p.model,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        ]
+        usage = chunks[-1].usage
+    else:
+        p.fake(gateway).next_json(200, whole)
+        usage = (await client.chat.completions.create(model=p.model, messages=messages)).usage
+    assert usage is not None
+    assert usage.prompt_tokens == 100
+    assert usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == 30
+    assert usage.completion_tokens == 2
+    assert usage.total_tokens == 102
+
+
+@pytest.mark.parametrize("name", ["anthropic", "google"])
+async def test_translated_chunks_leave_as_upstream_events_arrive(
+    gateway: Gateway, name: str
+) -> None:
+    p = PROVIDERS[name]
+    recorded = sse_events(fixture_bytes(p.after_tool))
+    # up to and including the first event with text, then the rest held back in one write
+    first_text = next(i for i, e in enumerate(recorded) if b'"text' in e and b'"text":""' not in e)
+    held = asyncio.Event()
+    p.fake(gateway).next_stream(
+        events=[*recorded[: first_text + 1], b"".join(recorded[first_text + 1 :])], gate=held
+    )
+    stream = await gateway.aclient().chat.completions.create(
+        model=p.model, messages=[{"role": "user", "content": "x"}], stream=True
+    )
+    text = []
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            if not text:
+                # the upstream is still holding the rest of its answer back
+                assert not held.is_set()
+                held.set()
+            text.append(chunk.choices[0].delta.content)
+    assert held.is_set() and len(text) > 1
+
+
+async def test_gemini_tool_call_goes_on_with_gemini_and_then_anthropic(gateway: Gateway) -> None:
+    """The ids handed out for Gemini's calls (thought signature inside) work when the client
+    sends them back to Gemini, and when the same conversation moves to an Anthropic model."""
+    gemini, anthropic = PROVIDERS["google"], PROVIDERS["anthropic"]
+    recorded = sse_events(fixture_bytes(gemini.tool_call))
+    signature = json.loads(recorded[0].removeprefix(b"data: "))["candidates"][0]["content"][
+        "parts"
+    ][0]["thoughtSignature"]
+    gateway.gemini.next_recording(gemini.tool_call)
+    client = gateway.aclient()
+    messages: list[Any] = [{"role": "user", "content": "What's the weather?"}]
+    first = await client.chat.completions.create(model=gemini.model, messages=messages, tools=TOOLS)
+    call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert re.fullmatch(r"[a-zA-Z0-9_-]+", call.id)
+    messages += [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,  # type: ignore[union-attr]
+                        "arguments": call.function.arguments,  # type: ignore[union-attr]
+                    },
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call.id, "content": "Mexico"},
+    ]
+
+    gateway.gemini.next_recording(gemini.after_tool)
+    await client.chat.completions.create(model=gemini.model, messages=messages, tools=TOOLS)
+    contents = gateway.gemini.requests[-1].body["contents"]
+    assert contents[1]["parts"][0]["thoughtSignature"] == signature  # byte for byte
+    call_id = contents[1]["parts"][0]["functionCall"]["id"]
+    assert contents[2]["parts"][0]["functionResponse"]["id"] == call_id
+    assert gateway.gemini.violations == []
+
+    gateway.anthropic.next_recording(anthropic.after_tool)
+    answer = await client.chat.completions.create(
+        model=anthropic.model, messages=messages, tools=TOOLS
+    )
+    assert answer.choices[0].message.content
+    assert gateway.anthropic.violations == []
+    sent = gateway.anthropic.requests[-1].body["messages"]
+    assert sent[1]["content"][0]["id"] == sent[2]["content"][0]["tool_use_id"] == call.id

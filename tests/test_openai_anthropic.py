@@ -244,7 +244,7 @@ async def test_request_translation(gateway: Gateway) -> None:
             ],
             "max_completion_tokens": 50,
             "temperature": 0.2,
-            "top_p": 0.9,
+            "top_p": 1,  # OpenAI's default: means nothing, so it is not sent
             "stop": "END",
             "user": "user-42",
             "reasoning_effort": "low",
@@ -281,7 +281,8 @@ async def test_request_translation(gateway: Gateway) -> None:
         {"role": "user", "content": "Thanks"},
     ]
     assert sent["max_tokens"] == 50
-    assert (sent["temperature"], sent["top_p"]) == (0.2, 0.9)
+    assert sent["temperature"] == 0.2
+    assert "top_p" not in sent
     assert sent["stop_sequences"] == ["END"]
     assert sent["metadata"] == {"user_id": "user-42"}
     assert sent["output_config"] == {
@@ -320,6 +321,17 @@ async def test_max_tokens_default_and_named_tool_choice(gateway: Gateway) -> Non
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"frobnicate": True}, "frobnicate"),
         ({"store": True}, "store"),
+        # Claude models since Sonnet 4.5 refuse both; one of them alone is fine
+        ({"temperature": 0.5, "top_p": 0.9}, "top_p"),
+        ({"top_k": "3"}, "top_k"),
+        ({"thinking": "on"}, "thinking"),
+        ({"safety_identifier": 5}, "safety_identifier"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "system", "content": "Be brief."}]}, "messages"),
+        (
+            {"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": ""}]},
+            "messages",
+        ),
         (
             {
                 "messages": [
@@ -374,6 +386,7 @@ async def test_what_anthropic_cannot_do_is_a_400_naming_it(
             model=MODEL, messages=messages, extra_body=extra
         )
     assert caught.value.param == param
+    assert caught.value.type == "invalid_request_error"
     assert gateway.anthropic.requests == []
 
 
@@ -392,6 +405,7 @@ async def test_recorded_upstream_errors(gateway: Gateway) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
         await client.chat.completions.create(model=MODEL, messages=messages)
     assert missing.value.code == "model_not_found"
+    assert missing.value.type == "invalid_request_error"  # OpenAI's type, not not_found_error
 
     rate_limited = snapshot("sdk-http_stream-429-429-then-200.json")[0]["response"]
     gateway.anthropic.next_json(
@@ -401,6 +415,17 @@ async def test_recorded_upstream_errors(gateway: Gateway) -> None:
         await client.chat.completions.create(model=MODEL, messages=messages)
     assert limited.value.code == "rate_limit_exceeded"
     assert limited.value.response.headers["retry-after"] == "3"
+
+    status, body = anthropic_error(
+        413, "request_too_large", "Request exceeds the maximum allowed number of bytes."
+    )
+    gateway.anthropic.next_json(status, body)
+    with pytest.raises(openai.APIStatusError) as too_large:
+        await client.chat.completions.create(model=MODEL, messages=messages)
+    assert too_large.value.status_code == 413
+    assert too_large.value.type == "invalid_request_error"
+    assert too_large.value.code == "request_too_large"
+    assert "maximum allowed number of bytes" in too_large.value.message
 
     status, body = anthropic_error(529, "overloaded_error", "Overloaded")
     gateway.anthropic.next_json(status, body)
@@ -474,3 +499,112 @@ async def test_provider_key_goes_in_x_api_key(gateway: Gateway) -> None:
     assert headers["anthropic-version"] == "2023-06-01"
     assert "Authorization" not in headers
     assert all(CLIENT_KEY not in v for v in headers.values())
+
+
+@pytest.mark.parametrize(
+    ("extra", "sent_keys"),
+    [
+        ({"top_p": 0.9}, {"top_p": 0.9}),
+        ({"temperature": 0.3}, {"temperature": 0.3}),
+        ({"temperature": 0.3, "top_p": 1}, {"temperature": 0.3}),
+    ],
+)
+async def test_temperature_or_top_p(
+    gateway: Gateway, extra: dict[str, Any], sent_keys: dict[str, Any]
+) -> None:
+    await gateway.aclient().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], extra_body=extra
+    )
+    sent = gateway.anthropic.requests[-1].body
+    assert {k: sent[k] for k in ("temperature", "top_p") if k in sent} == sent_keys
+
+
+async def test_safety_identifier_becomes_metadata_user_id(gateway: Gateway) -> None:
+    await gateway.aclient().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        user="old-style",
+        extra_body={"safety_identifier": "hashed-user-7"},
+    )
+    assert gateway.anthropic.requests[-1].body["metadata"] == {"user_id": "hashed-user-7"}
+
+
+async def test_tool_ids_from_elsewhere_are_made_valid_for_anthropic(gateway: Gateway) -> None:
+    # ids another provider or a client made may hold what Anthropic refuses in a tool_use id
+    odd = "call:42/a+b=="
+    messages: list[Any] = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": odd, "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                {
+                    "id": "toolu_ok-1",
+                    "type": "function",
+                    "function": {"name": "g", "arguments": "{}"},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": odd, "content": "sunny"},
+        {"role": "tool", "tool_call_id": "toolu_ok-1", "content": "warm"},
+    ]
+    await gateway.aclient().chat.completions.create(model=MODEL, messages=messages)
+    assert gateway.anthropic.violations == []
+    sent = gateway.anthropic.requests[-1].body["messages"]
+    uses = [b["id"] for b in sent[1]["content"]]
+    results = [b["tool_use_id"] for b in sent[2]["content"]]
+    assert uses == results
+    assert uses[1] == "toolu_ok-1"  # valid ids are kept as they are
+    assert uses[0] != odd
+
+
+# What the README's translator section lists as dropped for Anthropic: none of it may reach
+# the upstream raw (the fake refuses unknown fields, as the API does).
+APPROXIMATED = {
+    "model": MODEL,
+    "messages": [
+        {"role": "system", "content": "Be brief.", "name": "policy"},
+        {
+            "role": "user",
+            "name": "alice",
+            "content": [
+                {"type": "text", "text": "Look:"},
+                {
+                    "type": "image_url",
+                    "image_url": {"url": "https://example.com/cat.jpg", "detail": "low"},
+                },
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "A cat."}, {"type": "refusal", "refusal": "x"}],
+        },
+        {"role": "user", "content": "Thanks"},
+    ],
+    "metadata": {"team": "blue"},
+    "store": False,
+    "stream_options": None,
+    "presence_penalty": 0,
+    "logprobs": False,
+    "service_tier": "auto",
+    "tools": [
+        {
+            "type": "function",
+            "function": {"name": "f", "strict": True, "parameters": {"type": "object"}},
+        }
+    ],
+}
+
+
+async def test_fields_without_a_counterpart_are_not_forwarded(gateway: Gateway) -> None:
+    await completion_of(gateway, copy.deepcopy(APPROXIMATED))
+    assert gateway.anthropic.violations == []
+    sent = gateway.anthropic.requests[-1].body
+    assert "metadata" not in sent  # OpenAI's metadata is a tag map; Anthropic's has user_id only
+    assert sent["messages"][0]["content"][1]["source"] == {
+        "type": "url",
+        "url": "https://example.com/cat.jpg",
+    }
+    assert sent["messages"][1]["content"] == "A cat."
+    assert sent["tools"][0]["strict"] is True  # Anthropic has strict tools of its own

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 from typing import Any
 
@@ -202,7 +203,8 @@ async def test_thinking_and_function_call_stream(gateway: Gateway) -> None:
     assert kinds[1][0] == "reasoning" and kinds[1][1].startswith("**Calculating the Days**")
     tool = next(v for k, v in kinds if k == "tool")
     assert tool[0] == 0 and tool[2] == "now"
-    assert "~" in tool[1]  # the thought signature rides in the id
+    assert "__" in tool[1]  # the thought signature rides in the id
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", tool[1])
     assert ("args", (0, "{}")) in kinds
     assert kinds[-2] == ("finish", "tool_calls")
     usage = kinds[-1][1]
@@ -436,10 +438,18 @@ async def test_json_mode(gateway: Gateway) -> None:
         ({"parallel_tool_calls": False}, "parallel_tool_calls"),
         ({"logprobs": True}, "logprobs"),
         ({"logit_bias": {"1": 2}}, "logit_bias"),
+        ({"top_k": 0}, "top_k"),
+        ({"seed": "7"}, "seed"),
         ({"stop": ["a", "b", "c", "d", "e", "f"]}, "stop"),
         (
             {"messages": [{"role": "tool", "tool_call_id": "nope", "content": "x"}]},
             "messages[0].tool_call_id",
+        ),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "system", "content": "Be brief."}]}, "messages"),
+        (
+            {"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": ""}]},
+            "messages",
         ),
         (
             {
@@ -461,6 +471,7 @@ async def test_what_gemini_cannot_do_is_a_400_naming_it(
             model=FLASH, messages=messages, extra_body=extra
         )
     assert caught.value.param == param
+    assert caught.value.type == "invalid_request_error"
     assert gateway.gemini.requests == []
 
 
@@ -584,3 +595,238 @@ async def test_embeddings(gateway: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         await client.embeddings.create(model="google/embedding", input=[[1, 2, 3]])
     assert caught.value.param == "input"
+
+
+async def test_function_declarations_follow_the_v1beta_proto(gateway: Gateway) -> None:
+    await completion_of(
+        gateway,
+        {
+            "model": FLASH,
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "lookup",  # no description
+                        "strict": True,
+                        "parameters": {
+                            "$schema": "http://json-schema.org/draft-07/schema#",
+                            "type": "object",
+                            "properties": {"q": {"type": "string"}},
+                            "required": ["q"],
+                            "additionalProperties": False,
+                        },
+                    },
+                },
+                {"type": "function", "function": {"name": "ping", "description": "Ping."}},
+            ],
+        },
+    )
+    # the fake checks the body against the proto field table: description is REQUIRED there
+    assert gateway.gemini.violations == []
+    assert gateway.gemini.requests[-1].body["tools"] == [
+        {
+            "functionDeclarations": [
+                {
+                    "name": "lookup",
+                    "description": "",  # what the recorded pydantic-ai request sends
+                    "parametersJsonSchema": {
+                        "type": "object",
+                        "properties": {"q": {"type": "string"}},
+                        "required": ["q"],
+                        "additionalProperties": False,  # as in the spec's own example
+                    },
+                },
+                {"name": "ping", "description": "Ping."},
+            ]
+        }
+    ]
+
+
+def _finish_reasons() -> list[str]:
+    table = json.loads(fixture_bytes("gemini/generativelanguage-v1beta-fields.json"))
+    return [v["name"] for v in table["types"]["Candidate.FinishReason"]["values"]]
+
+
+FILTERED = {
+    "SAFETY",
+    "RECITATION",
+    "BLOCKLIST",
+    "PROHIBITED_CONTENT",
+    "SPII",
+    "IMAGE_SAFETY",
+    "IMAGE_PROHIBITED_CONTENT",
+    "IMAGE_RECITATION",
+    "LANGUAGE",
+}
+FAILED_CALLS = {"MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL"}
+
+
+def _answer(reason: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "candidates": [
+            {"content": {"parts": parts, "role": "model"}, "finishReason": reason, "index": 0}
+        ],
+        "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 1, "totalTokenCount": 4},
+        "responseId": "r1",
+    }
+
+
+@pytest.mark.parametrize("reason", _finish_reasons())
+@pytest.mark.parametrize("stream", [False, True])
+async def test_every_finish_reason_of_the_proto(
+    gateway: Gateway, reason: str, stream: bool
+) -> None:
+    answer = _answer(reason, [{"text": "Hi"}])
+    if stream:
+        gateway.gemini.next_stream(events=[b"data: " + json.dumps(answer).encode() + b"\r\n\r\n"])
+    else:
+        gateway.gemini.next_json(200, answer)
+    client = gateway.aclient(max_retries=0)
+    messages: list[Any] = [{"role": "user", "content": "x"}]
+    if reason in FAILED_CALLS:
+        with pytest.raises(openai.APIError) as caught:
+            if stream:
+                async for _ in await client.chat.completions.create(
+                    model=FLASH, messages=messages, stream=True
+                ):
+                    pass
+            else:
+                await client.chat.completions.create(model=FLASH, messages=messages)
+        assert caught.value.code == "upstream_invalid_function_call"
+        assert reason in caught.value.message
+        if not stream:
+            assert isinstance(caught.value, openai.APIStatusError)
+            assert caught.value.status_code == 502  # the SDKs retry it
+        return
+    expected = (
+        "length" if reason == "MAX_TOKENS" else "content_filter" if reason in FILTERED else "stop"
+    )
+    if stream:
+        kinds = deltas(await chunks_of(gateway, {"model": FLASH, "messages": messages}))
+        assert kinds[1:] == [("content", "Hi"), ("finish", expected)]
+    else:
+        final = await client.chat.completions.create(model=FLASH, messages=messages)
+        assert final.choices[0].finish_reason == expected
+        assert final.choices[0].message.content == "Hi"
+
+
+@pytest.mark.parametrize("reason", ["STOP", "MAX_TOKENS", "SAFETY"])
+async def test_function_calls_with_each_finish_reason(gateway: Gateway, reason: str) -> None:
+    gateway.gemini.next_json(200, _answer(reason, [{"functionCall": {"name": "f", "args": {}}}]))
+    final = await gateway.aclient().chat.completions.create(
+        model=FLASH, messages=[{"role": "user", "content": "x"}]
+    )
+    expected = {"STOP": "tool_calls", "MAX_TOKENS": "length", "SAFETY": "content_filter"}
+    assert final.choices[0].finish_reason == expected[reason]
+
+
+async def test_blocked_prompt_without_candidates_answers_content_filter(
+    gateway: Gateway,
+) -> None:
+    fixture = "gemini/firebase_googleai_streaming-failure-prompt-blocked-safety.sse"
+    gateway.gemini.next_recording(fixture)  # as a whole answer: promptFeedback, no candidates
+    completion = await completion_of(
+        gateway, {"model": FLASH, "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert "candidates" not in gateway.gemini.accumulate(fixture_bytes(fixture))
+    assert completion["choices"][0]["finish_reason"] == "content_filter"
+    assert completion["choices"][0]["message"]["content"] == ""
+
+
+async def test_fields_without_a_counterpart_are_not_forwarded(gateway: Gateway) -> None:
+    """What the README's translator section lists as dropped for Gemini never reaches the
+    upstream raw (the fake refuses fields outside the proto, as the API does)."""
+    await completion_of(
+        gateway,
+        {
+            "model": FLASH,
+            "messages": [
+                {"role": "system", "content": "Be brief.", "name": "policy"},
+                {
+                    "role": "user",
+                    "name": "alice",
+                    "content": [
+                        {"type": "text", "text": "Look:"},
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "data:image/png;base64,iVBO", "detail": "high"},
+                        },
+                    ],
+                },
+            ],
+            "user": "u-1",
+            "safety_identifier": "hashed-u-1",
+            "metadata": {"team": "blue"},
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {"name": "f", "strict": True, "parameters": {"type": "object"}},
+                }
+            ],
+        },
+    )
+    assert gateway.gemini.violations == []
+    body = gateway.gemini.requests[-1].body
+    assert set(body) == {"contents", "systemInstruction", "tools"}
+    assert body["contents"][0]["parts"][1] == {
+        "inlineData": {"mimeType": "image/png", "data": "iVBO"}
+    }
+    assert body["tools"][0]["functionDeclarations"][0] == {
+        "name": "f",
+        "description": "",
+        "parametersJsonSchema": {"type": "object"},
+    }
+
+
+async def test_embeddings_up_to_one_batch(gateway: Gateway) -> None:
+    client = gateway.aclient()
+    inputs = [f"text {i}" for i in range(101)]
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.embeddings.create(model="google/embedding", input=inputs)
+    assert caught.value.param == "input"
+    assert "at most 100" in caught.value.message
+    assert gateway.gemini.requests == []
+
+    result = await client.embeddings.create(model="google/embedding", input=inputs[:100])
+    assert [d.index for d in result.data] == list(range(100))
+    assert len(gateway.gemini.requests[-1].body["requests"]) == 100
+
+
+@pytest.mark.parametrize(
+    ("call_id", "gemini_id", "signature"),
+    [
+        ("call_abc__c2ln-_w", "call_abc", "c2ln+/w="),  # URL-safe, unpadded, as handed out now
+        ("call_abc~c2ln+/w=", "call_abc", "c2ln+/w="),  # the '~' form handed out before
+        ("call_plain", "call_plain", None),
+    ],
+)
+async def test_tool_call_ids_give_back_gemini_id_and_signature(
+    gateway: Gateway, call_id: str, gemini_id: str, signature: str | None
+) -> None:
+    await completion_of(
+        gateway,
+        {
+            "model": FLASH,
+            "messages": [
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": call_id,
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "{}"},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": call_id, "content": "done"},
+            ],
+        },
+    )
+    contents = gateway.gemini.requests[-1].body["contents"]
+    part = contents[1]["parts"][0]
+    assert part["functionCall"]["id"] == gemini_id
+    assert part.get("thoughtSignature") == signature
+    assert contents[2]["parts"][0]["functionResponse"]["id"] == gemini_id

@@ -36,6 +36,7 @@ COMMON_PARAMETERS = frozenset(
         "parallel_tool_calls",
         "response_format",
         "user",
+        "safety_identifier",
         "store",
         "metadata",
     }
@@ -76,6 +77,31 @@ def _is_default(name: str, value: object) -> bool:
         "service_tier": "auto",
     }
     return name in defaults and value == defaults[name]
+
+
+def no_conversation(provider_kind: str) -> InvalidRequest:
+    """The error for messages that leave nothing to answer once system messages are set apart."""
+    return InvalidRequest(
+        f"'messages' must hold at least one non-empty user, assistant or tool message for "
+        f"{provider_kind} models; system and developer messages alone are not a conversation.",
+        param="messages",
+        code="invalid_value",
+    )
+
+
+def integer_field(body: JSONObject, name: str, minimum: int | None = None) -> int | None:
+    """An integer parameter (`top_k`, `seed`) checked before it reaches a provider."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or (minimum is not None and value < minimum)
+    ):
+        at_least = f" of at least {minimum}" if minimum is not None else ""
+        raise InvalidRequest(f"'{name}' must be an integer{at_least}.", param=name)
+    return value
 
 
 def max_output_tokens(body: ChatCompletionRequest) -> int | None:

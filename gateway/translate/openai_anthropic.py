@@ -9,6 +9,8 @@ becomes OpenAI chunks as soon as it arrives. Whatever Anthropic cannot do is a 4
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, cast
 
@@ -47,6 +49,10 @@ FINISH_REASONS = {
     "tool_use": "tool_calls",
     "refusal": "content_filter",
 }
+
+# What Anthropic allows in a tool_use id; ids made elsewhere (another provider, a client)
+# that do not fit are replaced by a hash of themselves, the same for the call and its result.
+TOOL_USE_ID = re.compile(r"[a-zA-Z0-9_-]+")
 
 # Anthropic error types -> HTTP status, for errors that arrive inside a stream.
 ERROR_STATUS = {
@@ -107,18 +113,40 @@ class OpenAIToAnthropicChat:
                     code="invalid_value",
                 )
             out["temperature"] = temperature
-        if body.get("top_p") is not None:
-            out["top_p"] = body["top_p"]
+        top_p = body.get("top_p")
+        if top_p is not None and top_p != 1:  # 1 (OpenAI's default) samples from everything
+            if temperature is not None:
+                # Claude models since Sonnet 4.5 / Haiku 4.5 / Opus 4.1 refuse both at once
+                raise InvalidRequest(
+                    "anthropic models take 'temperature' or 'top_p', not both.",
+                    param="top_p",
+                    code="unsupported_parameter",
+                )
+            out["top_p"] = top_p
         extra = raw_body
-        if isinstance(extra.get("top_k"), int):
-            out["top_k"] = extra["top_k"]
-        if isinstance(extra.get("thinking"), dict):
-            out["thinking"] = extra["thinking"]
+        top_k = req.integer_field(extra, "top_k", minimum=1)
+        if top_k is not None:
+            out["top_k"] = top_k
+        thinking = extra.get("thinking")
+        if thinking is not None:
+            if not isinstance(thinking, dict):
+                raise InvalidRequest(
+                    "'thinking' must be an Anthropic thinking object, "
+                    'e.g. {"type": "enabled", "budget_tokens": 2048}.',
+                    param="thinking",
+                )
+            out["thinking"] = thinking
         stops = req.stop_sequences(body)
         if stops:
             out["stop_sequences"] = stops
-        if body.get("user"):
-            out["metadata"] = {"user_id": body["user"]}
+        # safety_identifier is OpenAI's newer name for what `user` was for
+        user_id = extra.get("safety_identifier") or body.get("user")
+        if user_id:
+            if not isinstance(user_id, str):
+                raise InvalidRequest(
+                    "'safety_identifier' must be a string.", param="safety_identifier"
+                )
+            out["metadata"] = {"user_id": user_id}
         output_config = _output_config(body, extra)
         if output_config:
             out["output_config"] = output_config
@@ -261,6 +289,8 @@ def _error(
     code = None
     if status == 404 and "model" in message:
         code = "model_not_found"
+    elif status == 413:
+        code = "request_too_large"
     elif status == 429:
         code = "rate_limit_exceeded"
     elif etype == "overloaded_error":
@@ -275,7 +305,8 @@ def _error(
         status,
         message,
         provider=provider,
-        type_=etype if status < 500 else None,
+        # OpenAI's error types, not Anthropic's (not_found_error, request_too_large...)
+        type_=None,
         code=code,
         retry_after=headers.get("Retry-After"),
     )
@@ -313,6 +344,8 @@ def _messages(messages: list[JSONObject]) -> tuple[list[TextBlock], list[Message
             turns[-1][1].extend(blocks)
         else:
             turns.append((target, blocks))
+    if not turns:
+        raise req.no_conversation("anthropic")
     out: list[MessageParam] = []
     for role, content in turns:
         # a lone text block goes as a plain string, the way Anthropic's own SDK sends it
@@ -387,7 +420,7 @@ def _assistant_blocks(message: JSONObject, param: str) -> list[ContentBlock]:
         blocks.append(
             {
                 "type": "tool_use",
-                "id": call["id"],
+                "id": _tool_use_id(call["id"]),
                 "name": str(fn.get("name", "")),
                 "input": req.tool_arguments(fn.get("arguments"), f"{cparam}.function.arguments"),
             }
@@ -403,9 +436,15 @@ def _tool_result(message: JSONObject, param: str) -> ContentBlock:
         )
     return {
         "type": "tool_result",
-        "tool_use_id": call_id,
+        "tool_use_id": _tool_use_id(call_id),
         "content": req.text_of(message.get("content"), f"{param}.content"),
     }
+
+
+def _tool_use_id(call_id: str) -> str:
+    if TOOL_USE_ID.fullmatch(call_id):
+        return call_id
+    return "toolu_gw" + hashlib.sha256(call_id.encode()).hexdigest()[:24]
 
 
 def _tool(fn: JSONObject) -> ToolParam:

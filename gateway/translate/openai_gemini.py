@@ -3,8 +3,10 @@ streamGenerateContent with ``alt=sse``, batchEmbedContents) and back.
 
 Gemini has no tool-call ids and wants each function call's ``thoughtSignature`` sent back
 unchanged on the next turn. The gateway keeps both in the OpenAI tool-call id it hands out:
-``call_<hash>`` (or Gemini's own id when it sends one), plus ``~`` and the signature when there
-is one; the client returns the id with the tool result and the gateway restores both.
+``call_<hash>`` (or Gemini's own id when it sends one), plus ``__`` and the signature in the
+URL-safe base64 alphabet when there is one, so that the id is made of ``[A-Za-z0-9_-]`` only
+and the same conversation can go on with an Anthropic model (which allows nothing else in a
+``tool_use`` id). The client returns the id with the tool result and the gateway restores both.
 """
 
 from __future__ import annotations
@@ -42,19 +44,33 @@ SUPPORTED = req.COMMON_PARAMETERS | {
 # reasoning_effort -> thinking budget in tokens
 THINKING_BUDGET = {"low": 1024, "medium": 8192, "high": 24576}
 
-FILTERED = frozenset(
-    {
-        "SAFETY",
-        "RECITATION",
-        "BLOCKLIST",
-        "PROHIBITED_CONTENT",
-        "SPII",
-        "IMAGE_SAFETY",
-        "IMAGE_PROHIBITED_CONTENT",
-        "IMAGE_RECITATION",
-        "LANGUAGE",
-    }
-)
+# Candidate.FinishReason (v1beta proto, plus Vertex's MODEL_ARMOR) -> OpenAI's finish_reason.
+# A function call ends with STOP, so STOP is "tool_calls" when the answer has calls. Reasons
+# not listed (OTHER, NO_IMAGE, TOO_MANY_TOOL_CALLS...) are "stop".
+FINISH_REASONS = {
+    "STOP": "stop",
+    "MAX_TOKENS": "length",
+    **dict.fromkeys(
+        (
+            "SAFETY",
+            "RECITATION",
+            "BLOCKLIST",
+            "PROHIBITED_CONTENT",
+            "SPII",
+            "IMAGE_SAFETY",
+            "IMAGE_PROHIBITED_CONTENT",
+            "IMAGE_RECITATION",
+            "LANGUAGE",
+            "MODEL_ARMOR",
+        ),
+        "content_filter",
+    ),
+}
+
+# The model tried to call a function and produced a call that cannot be used: OpenAI has no
+# finish_reason for that and an empty "stop" would hide it, so it is an upstream error (502),
+# which the SDKs retry; a retry usually gets a well-formed call.
+FAILED_CALLS = frozenset({"MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL", "MALFORMED_RESPONSE"})
 
 # google.rpc.Code names -> the status a Gemini error inside a stream stands for
 STATUS_CODES = {
@@ -71,7 +87,10 @@ STATUS_CODES = {
     "DEADLINE_EXCEEDED": 504,
 }
 
-SIGNATURE_MARK = "~"
+SIGNATURE_MARK = "__"
+OLD_SIGNATURE_MARK = "~"  # ids handed out before the mark changed, standard base64 after it
+# Gemini's own call id is kept when the whole tool-call id stays [A-Za-z0-9_-] and splits back
+_PLAIN_ID = re.compile(r"[A-Za-z0-9-]+(?:_[A-Za-z0-9-]+)*")
 
 AUDIO_FORMATS = {"wav": "audio/wav", "mp3": "audio/mp3"}
 
@@ -90,13 +109,15 @@ def _model_path(deployment: Deployment) -> str:
     return "/models/" + deployment.upstream_model.removeprefix("models/")
 
 
-def finish_reason(reason: str | None, has_tool_calls: bool) -> str:
-    if reason == "MAX_TOKENS":
-        return "length"
-    if reason in FILTERED:
-        return "content_filter"
-    # a function call ends with STOP: Gemini has no finish reason of its own for it
-    return "tool_calls" if has_tool_calls else "stop"
+def finish_reason(reason: str, has_tool_calls: bool, provider: str) -> str:
+    if reason in FAILED_CALLS:
+        raise UpstreamError(
+            f"provider '{provider}' ended the answer with {reason}: the model produced a "
+            "function call that could not be used",
+            code="upstream_invalid_function_call",
+        )
+    mapped = FINISH_REASONS.get(reason, "stop")
+    return "tool_calls" if mapped == "stop" and has_tool_calls else mapped
 
 
 @register("gemini", "chat")
@@ -146,6 +167,7 @@ class OpenAIToGeminiChat:
         if "error" in obj:
             raise _error(None, obj, {}, self.provider)
         response_id = _response_id(obj)
+        _take_usage(self.usage, obj.get("usageMetadata"))  # counted even if the answer fails
         choices: list[tuple[Message, str | None]] = []
         for i, candidate in enumerate(obj.get("candidates") or []):
             message = Message()
@@ -167,12 +189,12 @@ class OpenAIToGeminiChat:
                     (message.reasoning if part.get("thought") else message.content).append(
                         part["text"]
                     )
+            reason = str(candidate.get("finishReason") or "STOP")
             choices.append(
-                (message, finish_reason(candidate.get("finishReason"), bool(message.tool_calls)))
+                (message, finish_reason(reason, bool(message.tool_calls), self.provider))
             )
-        if not choices:  # the prompt itself was blocked
+        if not choices:  # the prompt itself was blocked (promptFeedback.blockReason)
             choices.append((Message(), "content_filter"))
-        _take_usage(self.usage, obj.get("usageMetadata"))
         return completion(response_id, self.requested, choices, self.usage)
 
     # --- stream ----------------------------------------------------------------------------
@@ -227,7 +249,8 @@ class OpenAIToGeminiChat:
             reason = candidate.get("finishReason")
             if reason:
                 self._open.discard(index)
-                out.append(w.finish(finish_reason(reason, index in self._calls), index))
+                finish = finish_reason(str(reason), index in self._calls, self.provider)
+                out.append(w.finish(finish, index))
         feedback = obj.get("promptFeedback")
         if not candidates and isinstance(feedback, dict) and feedback.get("blockReason"):
             out.append(w.finish("content_filter"))
@@ -240,9 +263,18 @@ class OpenAIToGeminiChat:
         return _error(status, obj if isinstance(obj, dict) else {}, headers, self.provider)
 
 
+# batchEmbedContents takes at most this many requests in one call
+MAX_EMBEDDING_BATCH = 100
+
+
 @register("gemini", "embeddings")
 class OpenAIToGeminiEmbeddings:
-    """OpenAI embeddings to batchEmbedContents: one request for all inputs."""
+    """OpenAI embeddings to batchEmbedContents: one request for all inputs.
+
+    More inputs than one batch holds would need several upstream calls, which the request
+    path cannot make for one translator yet: they are a 400 naming `input` (so that a route
+    with a fallback hands them to the next deployment).
+    """
 
     def __init__(self, deployment: Deployment, requested: str) -> None:
         self.deployment = deployment
@@ -267,6 +299,13 @@ class OpenAIToGeminiEmbeddings:
             {"model", "input", "encoding_format", "dimensions", "user"},
             "gemini",
         )
+        if len(inputs) > MAX_EMBEDDING_BATCH:
+            raise InvalidRequest(
+                f"gemini embedding models take at most {MAX_EMBEDDING_BATCH} inputs per "
+                f"request, got {len(inputs)}; send them in several requests.",
+                param="input",
+                code="unsupported_value",
+            )
         self._inputs = inputs
         self._base64 = body.get("encoding_format") == "base64"
         model = "models/" + self.deployment.upstream_model.removeprefix("models/")
@@ -336,15 +375,27 @@ def _call_id(response_id: str, candidate: int, position: int, part: JSONObject) 
     """
     call = part["functionCall"]
     given = call.get("id") if isinstance(call, dict) else None
-    if isinstance(given, str) and given:
+    if isinstance(given, str) and _PLAIN_ID.fullmatch(given):
         base = given
     else:
         seed = f"{response_id}/{candidate}/{position}".encode()
         base = "call_" + hashlib.sha256(seed).hexdigest()[:24]
     signature = part.get("thoughtSignature")
-    return (
-        f"{base}{SIGNATURE_MARK}{signature}" if isinstance(signature, str) and signature else base
-    )
+    if not isinstance(signature, str) or not signature:
+        return base
+    urlsafe = signature.rstrip("=").replace("+", "-").replace("/", "_")
+    return f"{base}{SIGNATURE_MARK}{urlsafe}"
+
+
+def _split_call_id(call_id: str) -> tuple[str, str]:
+    """(Gemini's call id, thought signature as Gemini sent it) from an id the gateway handed
+    out; the signature is "" when there is none."""
+    base, mark, signature = call_id.partition(SIGNATURE_MARK)
+    if mark:
+        standard = signature.replace("-", "+").replace("_", "/")
+        return base, standard + "=" * (-len(standard) % 4)
+    base, _, signature = call_id.partition(OLD_SIGNATURE_MARK)
+    return base, signature
 
 
 def _take_usage(usage: Usage, reported: object) -> None:
@@ -438,6 +489,8 @@ def _contents(messages: list[JSONObject]) -> tuple[list[str], list[Content]]:
             turns[-1]["parts"].extend(parts)
         else:
             turns.append({"role": "user" if target == "user" else "model", "parts": parts})
+    if not turns:
+        raise req.no_conversation("gemini")
     return system, turns
 
 
@@ -510,7 +563,7 @@ def _model_parts(message: JSONObject, param: str, names: dict[str, str]) -> list
         if not isinstance(fn, dict) or not isinstance(call.get("id"), str):
             raise InvalidRequest(f"'{where}' needs an 'id' and a 'function'.", param=where)
         names[call["id"]] = str(fn.get("name", ""))
-        call_id, _, signature = call["id"].partition(SIGNATURE_MARK)
+        call_id, signature = _split_call_id(call["id"])
         piece: Part = {
             "functionCall": {
                 "id": call_id,
@@ -539,7 +592,7 @@ def _function_response(message: JSONObject, param: str, names: dict[str, str]) -
     response = value if isinstance(value, dict) else {"result": text}
     return {
         "functionResponse": {
-            "id": call_id.partition(SIGNATURE_MARK)[0],
+            "id": _split_call_id(call_id)[0],
             "name": names[call_id],
             "response": response,
         }
@@ -551,11 +604,15 @@ def _generation_config(body: ChatCompletionRequest, extra: JSONObject) -> JSONOb
     max_tokens = req.max_output_tokens(body)
     if max_tokens is not None:
         config["maxOutputTokens"] = max_tokens
+    top_k = req.integer_field(extra, "top_k", minimum=1)
+    if top_k is not None:
+        config["topK"] = top_k
+    seed = req.integer_field(extra, "seed")
+    if seed is not None:
+        config["seed"] = seed
     for ours, theirs in (
         ("temperature", "temperature"),
         ("top_p", "topP"),
-        ("top_k", "topK"),
-        ("seed", "seed"),
         ("presence_penalty", "presencePenalty"),
         ("frequency_penalty", "frequencyPenalty"),
     ):
@@ -588,12 +645,20 @@ def _generation_config(body: ChatCompletionRequest, extra: JSONObject) -> JSONOb
 
 
 def _declaration(fn: JSONObject) -> JSONObject:
-    declaration: JSONObject = {"name": fn["name"]}
-    if isinstance(fn.get("description"), str):
-        declaration["description"] = fn["description"]
+    # `description` is REQUIRED in the v1beta proto; proto3 cannot tell "" from absent, and
+    # the real API takes "" (a recorded request sends it), so a tool without one sends "".
+    description = fn.get("description")
+    declaration: JSONObject = {
+        "name": fn["name"],
+        "description": description if isinstance(description, str) else "",
+    }
     if isinstance(fn.get("parameters"), dict):
-        # parametersJsonSchema takes plain JSON Schema, unlike `parameters` (an OpenAPI subset)
-        declaration["parametersJsonSchema"] = fn["parameters"]
+        # parametersJsonSchema takes plain JSON Schema, unlike `parameters` (an OpenAPI
+        # subset): `additionalProperties` and the rest pass as they are (the spec's own example
+        # has it). Only the `$schema` meta keyword goes: it says nothing about the arguments.
+        declaration["parametersJsonSchema"] = {
+            k: v for k, v in fn["parameters"].items() if k != "$schema"
+        }
     return declaration
 
 

@@ -8,6 +8,7 @@ HTTP snapshots for whole responses, the raw SSE captures for streams.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import yaml
@@ -33,6 +34,22 @@ def anthropic_error(status: int, type_: str, message: str) -> tuple[int, bytes]:
     return status, json.dumps(body).encode()
 
 
+TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")
+
+
+def tool_id_errors(body: dict[str, Any]) -> list[str]:
+    """The pattern the real API enforces on tool ids, ^[a-zA-Z0-9_-]+$ (a 400 otherwise; the
+    rule is not in specs/anthropic/messages.md), on tool_use blocks and their tool_results."""
+    errors = []
+    for i, message in enumerate(body.get("messages") or []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, block in enumerate(content if isinstance(content, list) else []):
+            key = {"tool_use": "id", "tool_result": "tool_use_id"}.get(block.get("type"))
+            if key and not TOOL_ID.fullmatch(str(block.get(key))):
+                errors.append(f"messages.{i}.content.{j}.{key}: must match ^[a-zA-Z0-9_-]+$")
+    return errors
+
+
 class FakeAnthropic(FakeUpstream):
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self.handle)
@@ -49,7 +66,7 @@ class FakeAnthropic(FakeUpstream):
         return None
 
     def schema_errors(self, request: web.Request, body: dict[str, Any]) -> list[str]:
-        return anthropic_request_errors(body)
+        return anthropic_request_errors(body) + tool_id_errors(body)
 
     def bad_request(self, message: str) -> web.Response:
         status, body = anthropic_error(400, "invalid_request_error", message)

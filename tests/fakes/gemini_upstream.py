@@ -57,6 +57,8 @@ class FakeGemini(FakeUpstream):
         model, _, method = target.partition(":")
         if method == "batchEmbedContents":
             errors = []
+            if len(body.get("requests", [])) > 100:
+                errors.append("at most 100 requests can be in one batch")
             for i, item in enumerate(body.get("requests", [])):
                 if set(item) - {"model", "content", "taskType", "title", "outputDimensionality"}:
                     errors.append(f"requests[{i}]: unknown fields")
