@@ -81,6 +81,12 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             quiet = await handler(request)
         except GatewayError as e:
             quiet = error_response(e)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            quiet = error_response(_from_http_exception(e, request.app[STATE].config))
+        except Exception:
+            quiet = error_response(_unexpected(request, None))
         quiet.headers["Server-Timing"] = f"gateway;dur={(time.perf_counter() - started) * 1000:.2f}"
         return quiet
     state = request.app[STATE]
@@ -106,6 +112,12 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             if e.status < 400:
                 raise
             error = _from_http_exception(e, rt.config)
+            exchange.fail(error)
+            response = error_response(error)
+        except Exception:
+            if request.writer.output_size > 0:
+                raise  # the answer has begun: aiohttp logs it and drops the connection
+            error = _unexpected(request, exchange.request_id)
             exchange.fail(error)
             response = error_response(error)
         exchange.status = response.status
@@ -202,6 +214,22 @@ def _account(request: web.Request, exchange: Exchange, state: GatewayState) -> N
             "attempts": exchange.attempts,
             "fallbacks": exchange.fallbacks,
         }
+    )
+
+
+def _unexpected(request: web.Request, request_id: str | None) -> GatewayError:
+    """A bug or an unforeseen fault: its traceback goes to the log, the client gets a bare
+    500 in the envelope (no exception text, which might hold anything)."""
+    log.exception(
+        "unexpected error answering %s %s (request %s)",
+        request.method,
+        request.path[:200],
+        request_id or "-",
+    )
+    where = f" under request id {request_id}" if request_id else ""
+    return GatewayError(
+        f"The gateway failed to answer this request; the error is in its log{where}.",
+        code="internal_error",
     )
 
 
