@@ -68,6 +68,7 @@ from .dashboard_pages import (
 from .dashboard_session import LoginThrottle, Session, Sessions
 from .errors import GatewayError, InvalidRequest
 from .exchange import EXCHANGE
+from .ops import breaker_states
 from .runtime import STATE, GatewayState
 from .usage_store import DailyKeyModelUsage
 
@@ -370,9 +371,7 @@ def live_state(state: GatewayState) -> Live:
         if e.endpoint != "other"
     ]
     in_flight.sort(key=lambda r: -r.age)
-    states = state.breakers.states()
-    breakers = [(d, states.get(d, "closed")) for d in sorted(state.runtime.router.models)]
-    return Live(in_flight, breakers)
+    return Live(in_flight, list(breaker_states(state).items()))
 
 
 async def live_json(request: web.Request) -> web.Response:
