@@ -189,6 +189,9 @@ def test_random_bytes_never_break_an_endpoint(running: Running, path: str, raw: 
         # a lone surrogate is not Unicode: refused, like invalid UTF-8
         (b'{"model": "demo/echo", "messages": [{"role": "user", "content": "\\ud800"}]}', 400),
         (b'\xef\xbb\xbf{"model": "demo/echo"}', 400),
+        # a role that cannot be hashed (it was looked up in a set: a 500)
+        (b'{"model": "demo/echo", "messages": [{"role": ["user"], "content": "hi"}]}', 400),
+        (b'{"model": "demo/echo", "messages": [{"role": {"a": 1}, "content": "hi"}]}', 400),
     ],
 )
 def test_pathological_bodies(running: Running, body: bytes, code: int) -> None:
