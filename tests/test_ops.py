@@ -360,24 +360,35 @@ async def test_access_log_lines(make_gateway: MakeGateway, fakes: Fakes, tmp_pat
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     path = tmp_path / "g.toml"
-    path.write_text(gateway_toml(fakes.urls, db=str(tmp_path / "u.db")))
+    path.write_text(gateway_toml(fakes.urls, ADMIN_TOML, db=str(tmp_path / "u.db")))
     app = build(config_module.load(path), access_log=AccessLog(write_fd))
     from aiohttp.test_utils import TestServer
 
     server = TestServer(app)
     await server.start_server()
+    echoed: list[str] = []
+
+    async def call(method: str, path: str, key: str, request_id: str, **kw: Any) -> int:
+        headers = {"Authorization": f"Bearer {key}", "X-Request-Id": request_id}
+        async with session.request(
+            method, str(server.make_url(path)), headers=headers, **kw
+        ) as resp:
+            echoed.append(resp.headers.get("X-Request-Id", ""))
+            return resp.status
+
+    chat = {"json": {"model": "openai/gpt-4o", "messages": MESSAGES}}
     try:
         async with aiohttp.ClientSession() as session:
-            async with session.post(
-                str(server.make_url("/v1/chat/completions")),
-                json={"model": "openai/gpt-4o", "messages": MESSAGES},
-                headers={"Authorization": f"Bearer {CLIENT_KEY}", "X-Request-Id": "trace-7"},
-            ) as resp:
-                assert resp.status == 200
-            async with session.get(
-                str(server.make_url("/v1/models")), headers={"Authorization": "Bearer gw-wrong"}
-            ) as resp:
-                assert resp.status == 401
+            assert await call("POST", "/v1/chat/completions", CLIENT_KEY, "trace-7", **chat) == 200
+            assert await call("GET", "/v1/models", "gw-wrong", "trace-8") == 401
+            # not a sane id (a space, too long): the gateway makes its own
+            assert await call("GET", "/v1/models", CLIENT_KEY, "a b") == 200
+            assert await call("GET", "/v1/models", CLIENT_KEY, "x" * 129) == 200
+            # quiet paths: a refused scrape is logged, a health check or a good scrape is not
+            assert await call("GET", "/metrics", "gw-wrong-admin", "scrape-1") == 401
+            assert await call("GET", "/metrics", ADMIN, "scrape-2") == 200
+            assert await call("GET", "/healthz", "", "probe-1") == 200
+            assert await call("GET", "/nowhere", ADMIN, "lost-1") == 404
         await asyncio.sleep(0.5)  # the log is written in batches, 0.2 s apart
         data = b""
         while True:
@@ -389,8 +400,15 @@ async def test_access_log_lines(make_gateway: MakeGateway, fakes: Fakes, tmp_pat
         await server.close()
         os.close(read_fd)
     lines = [orjson.loads(line) for line in data.splitlines()]
-    first, second = lines[0], lines[1]
-    assert first["request_id"] == "trace-7"
+    assert [line["request_id"] for line in lines] == [
+        "trace-7", "trace-8", echoed[2], echoed[3], "scrape-1", "lost-1"
+    ]  # fmt: skip
+    assert echoed[:2] == ["trace-7", "trace-8"] and echoed[4:] == [
+        "scrape-1", "", "", "lost-1"
+    ]  # fmt: skip
+    assert re.fullmatch(r"req_[0-9a-f]{24}", echoed[2]) and echoed[3] != echoed[2]
+    assert re.fullmatch(r"req_[0-9a-f]{24}", echoed[3])
+    first, second, scrape_line = lines[0], lines[1], lines[4]
     assert (first["status"], first["key_id"], first["model"], first["provider"]) == (
         200,
         "test",
@@ -400,7 +418,69 @@ async def test_access_log_lines(make_gateway: MakeGateway, fakes: Fakes, tmp_pat
     assert first["prompt_tokens"] == 14 and first["completion_tokens"] == 37
     assert first["latency_ms"] > 0 and first["outcome"] == "ok"
     assert (second["status"], second["key_id"], second["outcome"]) == (401, None, "invalid_api_key")
-    assert CLIENT_KEY not in data.decode() and "gw-wrong" not in data.decode()
+    assert (scrape_line["path"], scrape_line["status"], scrape_line["outcome"]) == (
+        "/metrics",
+        401,
+        "invalid_api_key",
+    )
+    assert scrape_line["client_ip"] == "127.0.0.1" and scrape_line["key_id"] is None
+    assert (lines[5]["path"], lines[5]["status"]) == ("/nowhere", 404)
+    text = data.decode()
+    for secret in (CLIENT_KEY, ADMIN, "gw-wrong"):
+        assert secret not in text
+
+
+async def test_log_level_and_format_come_from_the_config(tmp_path: Path) -> None:
+    """`[logging] format = "text"` and `level = "warning"`, then the defaults (JSON, info), in
+    a real process: what reaches stderr (journald) in each case, and never a key."""
+    key = new_key()
+    base = (
+        f'[storage]\npath = "{tmp_path / "u.db"}"\n'
+        '[[providers]]\nname = "demo"\nkind = "demo"\nmodels = [{ id = "echo" }]\n'
+        f'[[keys]]\nid = "app"\nhash = "{hash_key(key)}"\n{ADMIN_TOML}'
+    )
+    outputs = {}
+    for name, logging_toml in (
+        ("text", '[logging]\nformat = "text"\nlevel = "warning"\n'),
+        ("json", ""),
+    ):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(base + logging_toml)
+        gw = GatewayProcess(config)
+        await gw.start()
+        root = gw.url.removesuffix("/v1")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                gw.url + "/chat/completions",
+                json={"model": "demo/echo", "messages": MESSAGES},
+                headers={"Authorization": f"Bearer {key}", "X-Request-Id": f"{name}-1"},
+            ) as resp:
+                assert resp.status == 200 and resp.headers["X-Request-Id"] == f"{name}-1"
+            async with session.get(
+                root + "/metrics", headers={"Authorization": f"Bearer {key}"}
+            ) as resp:
+                assert resp.status == 401
+        gw.signal(signal.SIGTERM)
+        code, stderr = await gw.stop()
+        assert code == 0, stderr
+        outputs[name] = stderr
+        assert key not in stderr and ADMIN not in stderr
+
+    text = outputs["text"].splitlines()
+    chat_line = next(line for line in text if "POST /v1/chat/completions" in line)
+    assert re.match(
+        r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z 200 POST /v1/chat/completions ", chat_line
+    )
+    assert "request_id=text-1" in chat_line and "key_id=app" in chat_line
+    assert any(re.search(r" 401 GET /metrics .*outcome=invalid_api_key", line) for line in text)
+    assert "gateway listening" not in outputs["text"]  # info, below "warning"
+
+    entries = [orjson.loads(line) for line in outputs["json"].splitlines()]  # every line JSON
+    own = [e for e in entries if "logger" in e]
+    access = [e for e in entries if "request_id" in e]
+    assert any(e["level"] == "info" and "gateway listening" in e["message"] for e in own)
+    assert [(e["request_id"], e["status"]) for e in access][:1] == [("json-1", 200)]
+    assert [(e["path"], e["status"]) for e in access][1:] == [("/metrics", 401)]
 
 
 def test_systemd_unit_verifies() -> None:
