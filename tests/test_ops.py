@@ -483,6 +483,72 @@ async def test_log_level_and_format_come_from_the_config(tmp_path: Path) -> None
     assert [(e["path"], e["status"]) for e in access][1:] == [("/metrics", 401)]
 
 
+def service_steps() -> list[str]:
+    """The command lines of the README's "Run it as a service" install block."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Run it as a service") : readme.index("## Operating it")]
+    match = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert match
+    return [line for line in match.group(1).splitlines() if line and not line.startswith("#")]
+
+
+def test_the_service_install_steps_are_true(tmp_path: Path) -> None:
+    """Every gateway command of the install steps exists with its options, the files they name
+    exist, and their config edits, run on a copy, give a valid config with no demo in it."""
+    steps = service_steps()
+    gateway = "/opt/gateway/venv/bin/gateway"
+    for line in steps:
+        if gateway not in line:
+            continue
+        words = line.split(gateway, 1)[1].split("|")[0].rstrip(")").split()
+        command = [w for w in words[:2] if not w.startswith("-") and "/" not in w]
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", *command, "--help"],
+            capture_output=True, text=True, timeout=30, cwd=ROOT,
+        )  # fmt: skip
+        assert result.returncode == 0, (line, result.stderr)
+        for option in re.findall(r" (--[a-z-]+)", line):
+            assert option in result.stdout, (line, option)
+    for name in re.findall(r"/opt/gateway/src/(\S+)", "\n".join(steps)):
+        assert (ROOT / name).is_file(), name
+    unit = (ROOT / "systemd/gateway.service").read_text()
+    assert f"ExecStart={gateway} serve --config /etc/gateway/gateway.toml" in unit
+    assert "http://127.0.0.1:8080/readyz" in "\n".join(steps)
+    assert "port = 8080" in (ROOT / "config.example.toml").read_text()
+
+    # the steps from copying the config to checking it, on a copy, as the README has them
+    first = next(i for i, line in enumerate(steps) if line.startswith("install -m 0640"))
+    last = next(i for i, line in enumerate(steps) if "check-config" in line)
+    config, env = tmp_path / "gateway.toml", tmp_path / "env"
+    script = "\n".join(
+        line.replace("-g gateway ", "")  # no such group here
+        .replace("/etc/gateway/gateway.toml", str(config))
+        .replace("/etc/gateway/env", str(env))
+        .replace("/opt/gateway/src/", f"{ROOT}/")
+        .replace(gateway, f"{sys.executable} -m gateway")
+        .replace("editor ", "echo OPENAI_API_KEY=sk-from-the-env-file >")  # the operator types
+        for line in steps[first : last + 1]
+    )
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "providers: 1 active of 4" in result.stdout  # openai, its key from the env file
+    admin_key = re.search(r"^\s+(gw-\S+)$", result.stderr, re.M)
+    assert admin_key, result.stderr  # shown on the terminal
+    from gateway.config import load
+
+    loaded = load(config)
+    assert loaded.admin.key_hash == hash_key(admin_key.group(1))
+    assert loaded.storage.path == "/var/lib/gateway/gateway.db"
+    assert "demo" not in {p.name for p in loaded.providers} and not loaded.keys
+    assert "demo" not in loaded.aliases
+    assert loaded.aliases["fast"].models == ("openai/gpt-4o-mini", "mistral/mistral-small")
+    settings = [line for line in config.read_text().splitlines() if not line.startswith("#")]
+    assert not [line for line in settings if "demo" in line]  # only comments mention it
+
+
 def test_systemd_unit_verifies() -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
