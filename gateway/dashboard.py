@@ -134,9 +134,16 @@ def _same_origin(request: web.Request) -> bool:
         hosts.add(forwarded.split(",")[0].strip().lower())  # a browser cannot forge this one
     origin = request.headers.get("Origin")
     if origin is not None:
-        return origin != "null" and urlsplit(origin).netloc.lower() in hosts
+        return origin != "null" and _host_of(origin) in hosts
     referer = request.headers.get("Referer")
-    return not referer or urlsplit(referer).netloc.lower() in hosts
+    return not referer or _host_of(referer) in hosts
+
+
+def _host_of(url: str) -> str | None:
+    try:
+        return urlsplit(url).netloc.lower()
+    except ValueError:  # "http://[": no URL a browser sends
+        return None
 
 
 async def _change(request: web.Request) -> tuple[GatewayState, Session, dict[str, str]]:

@@ -315,6 +315,23 @@ content_types = (
 segments = st.text(max_size=20).map(lambda s: quote(s.encode("utf-8", "surrogatepass"), safe=""))
 
 
+BAD_URLS = ["http://[", "http://[::1", "http://a]b/", "http://[zz]/"]  # urlsplit raises
+
+
+@pytest.mark.parametrize("header", ["Origin", "Referer"])
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_an_unparsable_origin_is_another_site(
+    running: Running, session: tuple[str, str], header: str, url: str
+) -> None:
+    cookie, csrf = session
+    for path, form in (("/dashboard/login", {"key": "x"}), ("/dashboard/keys", {"csrf": csrf})):
+        status, _, answer = running.exchange(
+            "POST", path, urlencode(form).encode(),
+            {"Content-Type": FORM, "Cookie": cookie, header: url},
+        )  # fmt: skip
+        assert status == 403 and b"another site" in answer, (path, status, answer[:200])
+
+
 def dashboard_login(running: Running) -> tuple[str, str]:
     """A dashboard session's cookie and its CSRF token."""
     status, headers, _ = running.exchange(
@@ -412,7 +429,7 @@ def test_the_admin_api_answers_garbage_with_a_json_4xx(
     raw=st.none() | st.binary(max_size=200),
     with_csrf=st.booleans(),
     content_type=content_types,
-    origin=st.sampled_from(["this", "none", "null"]) | header_text,
+    origin=st.sampled_from(["this", "none", "null", *BAD_URLS]) | header_text,
     extra=st.dictionaries(
         st.sampled_from(["Referer", "X-Forwarded-Host", "X-Forwarded-For", "X-Forwarded-Proto",
                          "X-Request-Id", "Accept", "Cookie"]),
