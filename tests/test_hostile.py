@@ -376,7 +376,11 @@ def test_undecodable_dashboard_forms_get_400(
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
-    path=st.sampled_from(ADMIN_PATHS) | segments.map(lambda s: "/admin/keys/" + s + "/rotate"),
+    path=st.sampled_from(ADMIN_PATHS)
+    | st.tuples(segments, st.sampled_from(["/rotate", "/revoke", ""])).map(
+        lambda t: f"/admin/keys/{t[0]}{t[1]}"
+    )
+    | segments.map(lambda s: "/admin/" + s),
     query=st.dictionaries(st.sampled_from(["start", "end", "key", "model"]), st.text(max_size=12)),
     body=st.binary(max_size=200)
     | json_values.map(lambda v: json.dumps(v).encode())
