@@ -21,6 +21,7 @@ from .auth import hash_key, new_key
 from .errors import InvalidAPIKey, InvalidRequest, NotFound
 from .exchange import EXCHANGE
 from .handlers import parse_period
+from .ops import breaker_states
 from .runtime import STATE, GatewayState
 from .usage_store import KeyConflict, PeriodUsage, UnknownKey
 from .usage_types import MAX_GRACE as MAX_GRACE  # (the dashboard imports it from here)
@@ -232,7 +233,7 @@ async def rotate_client_key(state: GatewayState, key_id: str, grace: float) -> I
 
 async def breakers(request: web.Request) -> web.Response:
     state = admin_state(request)
-    return _json({"object": "breakers", "deployments": state.breakers.states()})
+    return _json({"object": "breakers", "deployments": breaker_states(state)})
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

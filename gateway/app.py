@@ -75,23 +75,12 @@ def build(config: Config, *, access_log: AccessLog | None = None) -> web.Applica
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id and runtime, every error as OpenAI's envelope, then usage and access log."""
-    if request.path in QUIET_PATHS:  # health checks and scrapes: no accounting, no log line
-        started = time.perf_counter()
-        try:
-            quiet = await handler(request)
-        except GatewayError as e:
-            quiet = error_response(e)
-        quiet.headers["Server-Timing"] = f"gateway;dur={(time.perf_counter() - started) * 1000:.2f}"
-        return quiet
+    if request.path in QUIET_PATHS:
+        return await _quiet(request, handler)
     state = request.app[STATE]
     rt = state.runtime
     rt.enter()
-    client_id = request.headers.get("X-Request-Id")
-    exchange = Exchange(
-        client_id if client_id and _CLIENT_REQUEST_ID.match(client_id) else _new_request_id(),
-        rt,
-        state.limiter.client_ip(request.remote, request.headers.get("X-Forwarded-For")) or "",
-    )
+    exchange = Exchange(_request_id(request), rt, _client_ip(request, state))
     exchange.endpoint = ENDPOINTS.get(getattr(handler, "__name__", ""), "other")
     request[EXCHANGE] = exchange
     state.in_flight[id(exchange)] = exchange
@@ -108,6 +97,12 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             error = _from_http_exception(e, rt.config)
             exchange.fail(error)
             response = error_response(error)
+        except Exception:
+            if request.writer.output_size > 0:
+                raise  # the answer has begun: aiohttp logs it and drops the connection
+            error = _unexpected(request, exchange.request_id)
+            exchange.fail(error)
+            response = error_response(error)
         exchange.status = response.status
         return response
     except asyncio.CancelledError:
@@ -118,6 +113,60 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         del state.in_flight[id(exchange)]
         state.metrics.in_flight_requests -= 1
         _account(request, exchange, state)
+
+
+async def _quiet(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Health checks and scrapes: no accounting, and no log line unless refused or failed (a
+    scrape with a wrong key is worth one; a probe every few seconds is not)."""
+    started = time.perf_counter()
+    error: GatewayError | None = None
+    request_id = ""
+    try:
+        response = await handler(request)
+    except GatewayError as e:
+        error = e
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        error = _from_http_exception(e, request.app[STATE].config)
+    except Exception:
+        request_id = _request_id(request)
+        error = _unexpected(request, request_id)
+    latency = time.perf_counter() - started
+    if error is None:
+        response.headers["Server-Timing"] = f"gateway;dur={latency * 1000:.2f}"
+        return response
+    request_id = request_id or _request_id(request)
+    response = error_response(error)
+    response.headers["Server-Timing"] = f"gateway;dur={latency * 1000:.2f}"
+    response.headers["X-Request-Id"] = request_id
+    access_log = request.app[ACCESS_LOG]
+    if access_log.enabled:
+        access_log.write(
+            {
+                "ts": access_log.timestamp(time.time() - latency),
+                "request_id": request_id,
+                "method": request.method,
+                "path": request.path,
+                "status": error.status,
+                "outcome": error.code or error.type,
+                "key_id": None,
+                "client_ip": _client_ip(request, request.app[STATE]),
+                "latency_ms": round(latency * 1000, 2),
+            }
+        )
+    return response
+
+
+def _request_id(request: web.Request) -> str:
+    """The client's X-Request-Id if it is a sane one, else a new id."""
+    client_id = request.headers.get("X-Request-Id")
+    return client_id if client_id and _CLIENT_REQUEST_ID.match(client_id) else _new_request_id()
+
+
+def _client_ip(request: web.Request, state: GatewayState) -> str:
+    forwarded = request.headers.get("X-Forwarded-For")
+    return state.limiter.client_ip(request.remote, forwarded) or ""
 
 
 def _account(request: web.Request, exchange: Exchange, state: GatewayState) -> None:
@@ -206,6 +255,22 @@ def _account(request: web.Request, exchange: Exchange, state: GatewayState) -> N
             "attempts": exchange.attempts,
             "fallbacks": exchange.fallbacks,
         }
+    )
+
+
+def _unexpected(request: web.Request, request_id: str | None) -> GatewayError:
+    """A bug or an unforeseen fault: its traceback goes to the log, the client gets a bare
+    500 in the envelope (no exception text, which might hold anything)."""
+    log.exception(
+        "unexpected error answering %s %s (request %s)",
+        request.method,
+        request.path[:200],
+        request_id or "-",
+    )
+    where = f" under request id {request_id}" if request_id else ""
+    return GatewayError(
+        f"The gateway failed to answer this request; the error is in its log{where}.",
+        code="internal_error",
     )
 
 

@@ -68,6 +68,7 @@ from .dashboard_pages import (
 from .dashboard_session import LoginThrottle, Session, Sessions
 from .errors import GatewayError, InvalidRequest
 from .exchange import EXCHANGE
+from .ops import breaker_states
 from .runtime import STATE, GatewayState
 from .usage_store import DailyKeyModelUsage
 
@@ -133,9 +134,16 @@ def _same_origin(request: web.Request) -> bool:
         hosts.add(forwarded.split(",")[0].strip().lower())  # a browser cannot forge this one
     origin = request.headers.get("Origin")
     if origin is not None:
-        return origin != "null" and urlsplit(origin).netloc.lower() in hosts
+        return origin != "null" and _host_of(origin) in hosts
     referer = request.headers.get("Referer")
-    return not referer or urlsplit(referer).netloc.lower() in hosts
+    return not referer or _host_of(referer) in hosts
+
+
+def _host_of(url: str) -> str | None:
+    try:
+        return urlsplit(url).netloc.lower()
+    except ValueError:  # "http://[": no URL a browser sends
+        return None
 
 
 async def _change(request: web.Request) -> tuple[GatewayState, Session, dict[str, str]]:
@@ -143,12 +151,27 @@ async def _change(request: web.Request) -> tuple[GatewayState, Session, dict[str
     state, session = _viewer(request)
     if not _same_origin(request):
         raise _forbidden("The form came from another site.", session)
-    form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+    form = await _form(request, session)
     if not session.check_csrf(form.get("csrf", "")):
         raise _forbidden(
             "The form was stale or incomplete: reload the page and try again.", session
         )
     return state, session, form
+
+
+async def _form(request: web.Request, session: Session | None = None) -> dict[str, str]:
+    """The posted form's text fields. A body that is no readable form (not UTF-8, an unknown
+    charset, broken multipart) gets a 400 page, not a 500."""
+    try:
+        posted = await request.post()
+    except (ValueError, LookupError):  # UnicodeDecodeError is a ValueError
+        body = message_page(
+            "Bad request",
+            "The form could not be read: send it from the dashboard's own pages, as UTF-8.",
+            csrf=session.csrf if session else None,
+        )
+        raise _Stop(_html(body, status=400)) from None
+    return {k: v for k, v in posted.items() if isinstance(v, str)}
 
 
 class _Stop(Exception):
@@ -205,8 +228,8 @@ async def login(request: web.Request) -> web.Response:
     if wait > 0:
         message = f"Too many wrong keys from your address: try again in {wait:.0f} s."
         return _html(login_page(error=message), status=429)
-    key = (await request.post()).get("key")
-    if not isinstance(key, str) or not hmac.compare_digest(hash_key(key), expected):
+    key = (await _form(request)).get("key")
+    if key is None or not hmac.compare_digest(hash_key(key), expected):
         dashboard.throttle.failed(ip)
         return _html(login_page(error="That is not the admin key."), status=401)
     dashboard.throttle.succeeded(ip)
@@ -355,9 +378,7 @@ def live_state(state: GatewayState) -> Live:
         if e.endpoint != "other"
     ]
     in_flight.sort(key=lambda r: -r.age)
-    states = state.breakers.states()
-    breakers = [(d, states.get(d, "closed")) for d in sorted(state.runtime.router.models)]
-    return Live(in_flight, breakers)
+    return Live(in_flight, list(breaker_states(state).items()))
 
 
 async def live_json(request: web.Request) -> web.Response:

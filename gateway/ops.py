@@ -24,9 +24,18 @@ from aiohttp.http_exceptions import HttpProcessingError
 from .accesslog import ACCESS_LOG
 from .config import Config
 from .metrics import gauge, resident_memory_bytes
+from .resilience import BreakerState
 from .runtime import STATE, GatewayState
 
 BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def breaker_states(state: GatewayState) -> dict[str, BreakerState]:
+    """The breaker of every configured deployment, closed until it first fails (breakers are
+    made on first use and outlive reloads: one of a removed deployment is left out)."""
+    seen = state.breakers.states()
+    return {d: seen.get(d, "closed") for d in sorted(state.runtime.router.models)}
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -41,18 +50,16 @@ async def readyz(request: web.Request) -> web.Response:
     problems = []
     if state.usage.failing:
         problems.append("the usage database cannot be written")
-    deployments = state.runtime.router.models
-    if not deployments:
+    breakers = breaker_states(state)
+    if not breakers:
         problems.append("no provider is configured and enabled")
-    else:
-        states = state.breakers.states()
-        if all(states.get(d) == "open" for d in deployments):
-            problems.append("every deployment's circuit breaker is open")
+    elif all(s == "open" for s in breakers.values()):
+        problems.append("every deployment's circuit breaker is open")
     body = {
         "status": "not ready" if problems else "ready",
         "problems": problems,
         "providers": len(state.runtime.upstreams),
-        "models": len(deployments),
+        "models": len(breakers),
     }
     return web.json_response(body, status=503 if problems else 200)
 
@@ -62,7 +69,7 @@ def render_metrics(state: GatewayState, access_log_dropped: int) -> str:
     lines: list[str] = []
     for family in m.families():
         lines.extend(family.render())
-    breakers = state.breakers.states()
+    breakers = breaker_states(state)
     lines += gauge(
         "gateway_breaker_state",
         "Circuit breaker of each deployment: 0 closed, 1 half-open, 2 open.",
@@ -115,8 +122,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 def _metrics_response(app: web.Application) -> web.Response:
     text = render_metrics(app[STATE], app[ACCESS_LOG].dropped)
-    return web.Response(text=text, content_type="text/plain", charset="utf-8",
-                        headers={"Cache-Control": "no-store"})  # fmt: skip
+    return web.Response(body=text.encode(), headers={
+        "Content-Type": METRICS_CONTENT_TYPE, "Cache-Control": "no-store"})  # fmt: skip
 
 
 def add_routes(app: web.Application) -> None:
@@ -147,7 +154,9 @@ async def metrics_listener_ctx(app: web.Application) -> AsyncIterator[None]:
     await runner.setup()
     site = web.TCPSite(runner, host.strip("[]"), int(port) + worker)
     await site.start()
-    logging.getLogger("gateway").info("metrics listening on http://%s/metrics", listen)
+    logging.getLogger("gateway").info(
+        "metrics listening on http://%s:%d/metrics", host, int(port) + worker
+    )
     yield
     await runner.cleanup()
 

@@ -190,7 +190,8 @@ class KeyStats(TypedDict):
 # cached, cache-write and reasoning tokens, cost in nano-units.
 Sums = Sequence[int]
 
-KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_KEY_ID = 64
+KEY_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_KEY_ID - 1}}}")
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _INT64 = range(-(2**63), 2**63)
 _RECORD_TYPES: tuple[tuple[type | tuple[type, ...], ...], ...] = (
@@ -247,8 +248,12 @@ def is_valid_record(rec: object) -> bool:
 
 
 def check_key_id(key_id: str) -> None:
-    if not KEY_ID.match(key_id):
-        raise ValueError(f"key id '{key_id}' may use only letters, digits, '.', '_', '-'")
+    if not KEY_ID.fullmatch(key_id):
+        shown = f" '{key_id}'" if len(key_id) <= MAX_KEY_ID else ""  # never echo a huge one
+        raise ValueError(
+            f"a key id{shown} is 1 to {MAX_KEY_ID} letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
 
 
 def check_hash(key_hash: str) -> None:

@@ -118,11 +118,9 @@ def chat_request(body: JSONObject) -> ChatCompletionRequest:
         )
     for i, message in enumerate(messages):
         # the common case, checked first and cheaply
-        if (
-            type(message) is dict
-            and type(role := message.get("role")) is str
-            and role in MESSAGE_ROLES
-        ):
+        # (a role that is a list or an object cannot be looked up in a set: the slow path)
+        role = message.get("role") if type(message) is dict else None
+        if type(role) is str and role in MESSAGE_ROLES:
             content = message.get("content")
             if content is None or type(content) is str or type(content) is list:
                 continue
