@@ -6,8 +6,10 @@ import asyncio
 import itertools
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -209,31 +211,73 @@ async def test_workers_share_a_port(
         sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
         "--workers", "2", cwd=ROOT, stderr=subprocess.PIPE,
     )  # fmt: skip
+    assert proc.stderr is not None
+    lines: list[str] = []
+
+    async def read_stderr() -> None:  # all along, so that the pipe never fills
+        assert proc.stderr is not None
+        async for line in proc.stderr:
+            lines.append(line.decode())
+
+    reading = asyncio.ensure_future(read_stderr())
+
+    async def stopped() -> str:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), timeout=30)
+        await reading
+        return "".join(lines)
+
+    def listening() -> int:
+        return sum("gateway listening on" in line for line in lines)
+
     url = f"http://127.0.0.1:{port}/v1"
     try:
+        # a worker can take seconds to start on a busy machine, while the other already
+        # answers every probe: wait for both to say they listen, not for a number of probes
+        deadline = time.monotonic() + 60
+        while listening() < 2 and proc.returncode is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert listening() == 2, f"the workers did not both start:\n{await stopped()}"
         pids: set[int] = set()
-        for _ in range(400):  # until both workers answer (new connections land on either)
-            try:
-                async with (
-                    aiohttp.ClientSession() as fresh,
-                    fresh.get(f"http://127.0.0.1:{port}/healthz") as r,
-                ):
-                    pids.add((await r.json())["pid"])
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
+        for _ in range(200):  # new connections land on either worker
+            async with (
+                aiohttp.ClientSession() as fresh,
+                fresh.get(f"http://127.0.0.1:{port}/healthz") as r,
+            ):
+                pids.add((await r.json())["pid"])
             if len(pids) == 2:
                 break
-        assert len(pids) == 2
+        assert len(pids) == 2, f"one worker answered every probe:\n{await stopped()}"
         statuses = []
         for _ in range(10):
             async with aiohttp.ClientSession() as fresh:  # new connections: either worker
                 statuses.append(await embed(fresh, url))
         assert statuses.count(200) == 8
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(proc.communicate(), timeout=30)
-    assert proc.returncode == 0, stderr.decode()
-    assert stderr.decode().count("gateway listening on") == 2
+        stderr = await stopped()
+    assert proc.returncode == 0, stderr
+
+
+def test_a_worker_waits_for_another_holding_a_new_database(tmp_path: Path) -> None:
+    # Workers starting together on a new file: while one holds the write lock (migrating),
+    # SQLite refuses the other's switch to WAL at once, without waiting busy_timeout.
+    from gateway.usage_store import UsageStore
+
+    path = tmp_path / "usage.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE early (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.3, holder.execute, ["COMMIT"])
+    release.start()
+    try:
+        started = time.monotonic()
+        with UsageStore(str(path), busy_timeout=5) as store:
+            assert store.schema_version() > 0
+        assert time.monotonic() - started >= 0.25  # it waited for the lock
+    finally:
+        release.join()
+        holder.close()
 
 
 def test_workers_without_redis_are_refused(tmp_path: Path) -> None:
