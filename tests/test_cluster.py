@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import shutil
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import threading
@@ -19,10 +21,12 @@ import aiohttp
 import pytest
 
 from gateway.auth import hash_key, new_key
-from gateway.config import ClusterConfig, LimitsConfig
+from gateway.config import ClusterConfig, LimitsConfig, TierConfig
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.limits import EffectiveLimits, Limiter
+from gateway.resp import RedisConnection, RedisError
 
+from .conftest import MakeGateway
 from .test_cli import free_port
 from .test_lifecycle import GatewayProcess
 
@@ -33,9 +37,10 @@ KEY = new_key()
 class RedisServer:
     """A private redis-server on a free loopback port, which a test may kill and restart."""
 
-    def __init__(self) -> None:
+    def __init__(self, persist_dir: Path | None = None) -> None:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.persist_dir = persist_dir  # keeps its data over a SHUTDOWN and start, if given
 
     @property
     def url(self) -> str:
@@ -44,9 +49,10 @@ class RedisServer:
     def start(self) -> None:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed (.ci/run installs it)"
+        persist = ["--dir", str(self.persist_dir)] if self.persist_dir else []
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--protected-mode", "no"],
+             "--appendonly", "no", "--protected-mode", "no", *persist],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 10
@@ -64,6 +70,14 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    async def call(self, *args: object) -> Any:
+        """One command on a connection of its own."""
+        conn = RedisConnection(self.url)
+        try:
+            return await conn.call(*args)
+        finally:
+            await conn.close()
 
 
 @pytest.fixture
@@ -316,15 +330,29 @@ async def test_admission_script_quotas_budgets_and_settlement(redis_server: Redi
         assert first.headers["X-RateLimit-Limit-Requests"] == "100"
         assert first.headers["X-RateLimit-Remaining-Requests"] == "99"
         assert first.headers["X-RateLimit-Remaining-Tokens"] == "400"
-        with pytest.raises(QuotaExceeded) as caught:  # 600 reserved + 600 > 1000
+        with pytest.raises(QuotaExceeded) as caught:  # 600 held in flight + 600 > 1000
             await cluster.admit("k", limits, None, "chat", 600, 0.001)
-        assert int(caught.value.headers["Retry-After"]) > 60
+        # room comes back when the request in flight settles: insufficient_quota, for now
+        assert caught.value.code == caught.value.type == "insufficient_quota"
+        assert caught.value.status == 429
+        assert caught.value.headers["Retry-After"] == "1"
+        assert "in flight" in caught.value.message
         first.settle(100, 0.001)  # the real usage was much smaller: room again
         await asyncio.sleep(0.2)
         second = await cluster.admit("k", limits, None, "chat", 600, 0.004)
         assert second.headers["X-RateLimit-Remaining-Tokens"] == "300"
-        with pytest.raises(QuotaExceeded):  # budget: 0.001 + 0.004 + 0.006 > 0.01
+        with pytest.raises(QuotaExceeded) as held:  # budget: 0.001 + 0.004 + 0.006 > 0.01
             await cluster.admit("k", limits, None, "chat", 10, 0.006)
+        assert held.value.headers["Retry-After"] == "1"  # 0.004 of it is held in flight
+        second.settle(900, 0.009)  # all used for good: only the next day gives room
+        await asyncio.sleep(0.2)
+        with pytest.raises(QuotaExceeded) as spent:
+            await cluster.admit("k", limits, None, "chat", 10, 0.0001)
+        assert spent.value.code == "insufficient_quota"
+        assert int(spent.value.headers["Retry-After"]) > 60  # the daily reset
+        with pytest.raises(QuotaExceeded) as never:  # more than the whole quota
+            await cluster.admit("other", limits, None, "chat", 2000, 0.0)
+        assert never.value.headers == {"x-should-retry": "false"}
         bucket = EffectiveLimits(embeddings_per_minute=2)
         await cluster.admit("b", bucket, None, "embeddings", 0, 0)
         await cluster.admit("b", bucket, None, "embeddings", 0, 0)
@@ -358,3 +386,185 @@ async def test_admission_without_redis_fails_fast(tmp_path: Path) -> None:
     with pytest.raises(ServiceUnavailable):
         await closed.admit("k2", limits, None, "chat", 1, 0.0)
     await closed.close()
+
+
+async def test_a_flushed_redis_seeds_quotas_from_the_usage_store(
+    tmp_path: Path, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    config = fleet_config(tmp_path, redis_server.url, "requests_per_day = 5")
+    [gw] = await start_fleet(config, 1)
+    try:
+        assert [await embed(session, gw.url) for _ in range(3)] == [200, 200, 200]
+        assert await redis_server.call("FLUSHALL") == b"OK"  # or a restart without its data
+        # 3 of 5 were used today, as the usage database says: 2 left, not a fresh 5
+        assert [await embed(session, gw.url) for _ in range(3)] == [200, 200, 429]
+    finally:
+        [(code, stderr)] = await stop_fleet([gw])
+    assert code == 0, stderr
+    # the same for a process that starts on an empty Redis with usage in its database
+    await redis_server.call("FLUSHALL")
+    [gw] = await start_fleet(config, 1)
+    try:
+        assert await embed(session, gw.url) == 429
+    finally:
+        await stop_fleet([gw])
+
+
+async def test_settling_below_the_estimate_refills_the_token_bucket(
+    redis_server: RedisServer,
+) -> None:
+    from gateway.cluster import RedisLimiter
+
+    cluster = RedisLimiter(ClusterConfig(redis_url=redis_server.url), Limiter(LimitsConfig()), 0)
+    await cluster.start()
+    try:
+        limits = EffectiveLimits(tokens_per_minute=1000)
+        first = await cluster.admit("k", limits, None, "chat", 900, 0.0)
+        assert first.headers["X-RateLimit-Remaining-Tokens"] == "100"
+        first.settle(0, 0.0)  # nothing was used: the bucket is full again
+        await asyncio.sleep(0.2)
+        again = await cluster.admit("k", limits, None, "chat", 900, 0.0)
+        assert again.headers["X-RateLimit-Remaining-Tokens"] == "100"
+        again.settle(1900, 0.0)  # 1000 more than reserved: the bucket owes a minute
+        await asyncio.sleep(0.2)
+        with pytest.raises(RateLimited):
+            await cluster.admit("k", limits, None, "chat", 1, 0.0)
+    finally:
+        await cluster.close()
+
+
+async def test_settlements_wait_for_redis_and_apply_once(tmp_path: Path) -> None:
+    from gateway.cluster import RedisLimiter
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed here (.ci/run installs it from Debian)")
+    redis = RedisServer(persist_dir=tmp_path)
+    redis.start()
+    config = ClusterConfig(redis_url=redis.url, redis_timeout=0.1)
+    cluster = RedisLimiter(config, Limiter(LimitsConfig()), 0)
+    await cluster.start()
+    limits = EffectiveLimits(tokens_per_day=1000)
+
+    async def day_tokens(key_id: str) -> tuple[int, int | None]:
+        [key] = await redis.call("KEYS", f"gw:k:{key_id}:tk:d:*[0-9]")
+        held = await redis.call("GET", key + b":h")
+        return int(await redis.call("GET", key)), None if held is None else int(held)
+
+    try:
+        ticket = await cluster.admit("k", limits, None, "chat", 600, 0.0)
+        assert await day_tokens("k") == (600, 600)
+        # Redis goes away (with its data saved) before the settlement is sent
+        with contextlib.suppress(RedisError):
+            await redis.call("SHUTDOWN", "SAVE")
+        redis.proc.wait(timeout=10)  # type: ignore[union-attr]
+        ticket.settle(100, 0.0)
+        await asyncio.sleep(0.3)
+        assert cluster.failures >= 1  # the settlement could not be sent
+        redis.start()  # back, with the day's counters from its dump
+        await asyncio.sleep(1.5)  # retried a second after the failure
+        assert await day_tokens("k") == (100, None)  # applied: 600 reserved became 100 used
+        # Redis stalls after receiving a settlement: it times out here, applies it later,
+        # and the copy sent again is skipped
+        other = await cluster.admit("s", limits, None, "chat", 600, 0.0)
+        assert redis.proc is not None
+        redis.proc.send_signal(signal.SIGSTOP)
+        failures = cluster.failures
+        other.settle(50, 0.0)
+        await asyncio.sleep(0.8)
+        assert cluster.failures > failures
+        redis.proc.send_signal(signal.SIGCONT)
+        await asyncio.sleep(1.5)
+        assert await day_tokens("s") == (50, None)  # not 50 - 550
+        assert cluster.settlements_lost == 0
+    finally:
+        await cluster.close()
+        if redis.proc is not None:
+            redis.proc.send_signal(signal.SIGCONT)
+        redis.stop()
+
+
+def test_rediss_urls_connect_with_tls() -> None:
+    plain = RedisConnection("redis://127.0.0.1:6379/0")
+    assert plain.ssl is None
+    tls = RedisConnection("rediss://:secret@cache.internal:6380/2")
+    assert isinstance(tls.ssl, ssl.SSLContext)
+    assert tls.ssl.verify_mode == ssl.CERT_REQUIRED and tls.ssl.check_hostname
+    assert (tls.host, tls.port, tls.db, tls.password) == ("cache.internal", 6380, 2, "secret")
+    unverified = RedisConnection("rediss://cache.internal/0?ssl_cert_reqs=none")
+    assert unverified.ssl is not None and unverified.ssl.verify_mode == ssl.CERT_NONE
+    assert unverified.port == 6379
+    with pytest.raises(ValueError, match="ssl_cert_reqs"):
+        RedisConnection("rediss://cache.internal/0?ssl_cert_reqs=maybe")
+
+
+async def test_rediss_speaks_tls_to_the_server(redis_server: RedisServer) -> None:
+    # a plain Redis does not answer a TLS handshake: the connection fails, it does not hang
+    conn = RedisConnection(f"rediss://127.0.0.1:{redis_server.port}/0")
+    with pytest.raises((OSError, RedisError, TimeoutError)):
+        async with asyncio.timeout(5):
+            await conn.call("PING")
+    await conn.close()
+
+
+async def test_tier_upgrades_count_the_fleets_decisions(redis_server: RedisServer) -> None:
+    from gateway.cluster import RedisLimiter
+
+    wall = [1_700_000_000.0]
+    local = Limiter(LimitsConfig(), wall=lambda: wall[0])
+    cluster = RedisLimiter(ClusterConfig(redis_url=redis_server.url), local, 0)
+    tiers = {"free": TierConfig(upgrade_to="pro", upgrade_after_days=1)}
+    limits = EffectiveLimits(chat_per_minute=1)
+    try:
+        (await cluster.admit("clean", limits, None, "chat", 1, 0.0)).settle(1, 0.0)
+        (await cluster.admit("refused", limits, None, "chat", 1, 0.0)).settle(1, 0.0)
+        with pytest.raises(RateLimited):
+            await cluster.admit("refused", limits, None, "chat", 1, 0.0)
+        wall[0] += 86_400
+        upgrades = local.rollover({"clean": "free", "refused": "free"}, tiers)
+        assert upgrades == [("clean", "free", "pro")]
+    finally:
+        await cluster.close()
+
+
+async def test_redis_fault_metrics(
+    make_gateway: MakeGateway, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.cluster
+
+    monkeypatch.setattr(gateway.cluster, "RETRY_REDIS_AFTER", 3600.0)  # no retry in this test
+    admin = new_key()
+    gw = await make_gateway(f"""
+[admin]
+key_hash = "{hash_key(admin)}"
+
+[cluster]
+redis_url = "{redis_server.url}"
+redis_timeout = 0.5
+
+[[keys]]
+id = "limited"
+hash = "{hash_key(KEY)}"
+limits = {{ embeddings_per_minute = 100 }}
+""")
+
+    async def scrape() -> dict[str, float]:
+        async with session.get(gw.url + "/metrics",
+                               headers={"Authorization": f"Bearer {admin}"}) as r:  # fmt: skip
+            assert r.status == 200
+            text = await r.text()
+        return {
+            name: float(line.split()[-1])
+            for line in text.splitlines()
+            for name in ("failures_total", "local_admissions_total", "degraded")
+            if line.startswith(f"gateway_cluster_redis_{name}")
+            or line.startswith(f"gateway_cluster_{name}")
+        }
+
+    async with aiohttp.ClientSession() as session:
+        assert await embed(session, gw.base_url) == 200  # through Redis
+        await asyncio.sleep(0.2)  # its settlement is sent
+        assert await scrape() == {"failures_total": 0, "local_admissions_total": 0, "degraded": 0}
+        redis_server.stop()
+        assert [await embed(session, gw.base_url) for _ in range(3)] == [200, 200, 200]
+        # one failed call, then Redis is left alone: three admissions decided locally
+        assert await scrape() == {"failures_total": 1, "local_admissions_total": 3, "degraded": 1}
