@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import shutil
 import signal
 import sqlite3
@@ -21,7 +22,7 @@ import aiohttp
 import pytest
 
 from gateway.auth import hash_key, new_key
-from gateway.config import ClusterConfig, LimitsConfig, TierConfig
+from gateway.config import ClusterConfig, LimitsConfig, TierConfig, loads
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.limits import EffectiveLimits, Limiter
 from gateway.resp import RedisConnection, RedisError
@@ -306,15 +307,46 @@ def test_workers_without_redis_are_refused(tmp_path: Path) -> None:
 
 
 def test_nothing_about_redis_is_imported_without_a_cluster(tmp_path: Path) -> None:
-    config = tmp_path / "g.toml"
-    config.write_text('[[providers]]\nname = "demo"\nkind = "demo"\nmodels = [{ id = "echo" }]\n')
-    code = (
-        "import sys; from gateway.config import load; from gateway.app import build; "
-        f"build(load({str(config)!r})); print('redis' in sys.modules)"
-    )
+    # the example config as shipped (its [cluster] commented out), one request through the
+    # limiter, in a fresh interpreter: neither the cluster limiter nor its Redis client loaded
+    (tmp_path / "gateway.toml").write_text((ROOT / "config.example.toml").read_text())
+    code = """
+import asyncio, sys
+import aiohttp
+from aiohttp.test_utils import TestServer
+from gateway.app import build
+from gateway.config import load
+
+async def main():
+    server = TestServer(build(load("gateway.toml")))
+    await server.start_server()
+    async with aiohttp.ClientSession() as s, s.post(
+        str(server.make_url("/v1/chat/completions")),
+        json={"model": "demo/echo", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": "Bearer gw-demo-not-a-secret"},
+    ) as r:
+        print(r.status, r.headers.get("X-RateLimit-Limit-Requests"))
+    await server.close()
+    print(sorted(m for m in sys.modules if m in ("gateway.cluster", "gateway.resp", "redis")))
+    print("gateway.limits" in sys.modules)
+
+asyncio.run(main())
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=30, cwd=ROOT)  # fmt: skip
-    assert result.stdout.strip() == "False", result.stderr
+                            timeout=60, cwd=tmp_path, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # served and limited (60 a minute from [limits]), and the check itself can see modules
+    assert result.stdout.splitlines() == ["200 60", "[]", "True"], result.stdout + result.stderr
+
+
+def test_the_example_cluster_table_is_true_to_the_config() -> None:
+    example = (ROOT / "config.example.toml").read_text()
+    block = example[example.index("# [cluster]") :].split("\n\n")[0]
+    config = loads("\n".join(line.removeprefix("# ") for line in block.splitlines()))
+    assert config.cluster == ClusterConfig(redis_url="redis://127.0.0.1:6379/0")  # defaults
+    for field in ("redis_url", "on_redis_failure", "redis_timeout", "key_prefix"):
+        assert f"# {field} = " in block
 
 
 async def test_admission_script_quotas_budgets_and_settlement(redis_server: RedisServer) -> None:
