@@ -587,16 +587,53 @@ limits = {{ embeddings_per_minute = 100 }}
         return {
             name: float(line.split()[-1])
             for line in text.splitlines()
-            for name in ("failures_total", "local_admissions_total", "degraded")
+            for name in ("failures_total", "local_admissions_total", "degraded", "lost_total")
             if line.startswith(f"gateway_cluster_redis_{name}")
             or line.startswith(f"gateway_cluster_{name}")
+            or line.startswith(f"gateway_cluster_settlements_{name}")
         }
 
     async with aiohttp.ClientSession() as session:
         assert await embed(session, gw.base_url) == 200  # through Redis
         await asyncio.sleep(0.2)  # its settlement is sent
-        assert await scrape() == {"failures_total": 0, "local_admissions_total": 0, "degraded": 0}
+        assert await scrape() == {
+            "failures_total": 0, "local_admissions_total": 0, "degraded": 0, "lost_total": 0
+        }  # fmt: skip
         redis_server.stop()
         assert [await embed(session, gw.base_url) for _ in range(3)] == [200, 200, 200]
         # one failed call, then Redis is left alone: three admissions decided locally
-        assert await scrape() == {"failures_total": 1, "local_admissions_total": 3, "degraded": 1}
+        assert await scrape() == {
+            "failures_total": 1, "local_admissions_total": 3, "degraded": 1, "lost_total": 0
+        }  # fmt: skip
+
+
+async def test_unsettled_usage_is_bounded_and_counted(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.cluster
+
+    monkeypatch.setattr(gateway.cluster, "MAX_UNSETTLED", 1)  # counter moves kept, at most
+    config = ClusterConfig(redis_url=redis_server.url, redis_timeout=0.1)
+    cluster = gateway.cluster.RedisLimiter(config, Limiter(LimitsConfig()), 0)
+    await cluster.start()
+    limits = EffectiveLimits(tokens_per_day=1000)
+    assert redis_server.proc is not None
+    try:
+        first = await cluster.admit("a", limits, None, "chat", 600, 0.0)
+        second = await cluster.admit("b", limits, None, "chat", 600, 0.0)
+        redis_server.proc.send_signal(signal.SIGSTOP)  # Redis stops answering
+
+        async def failures(n: int) -> None:
+            async with asyncio.timeout(10):
+                while cluster.failures < n:
+                    await asyncio.sleep(0.02)
+
+        first.settle(10, 0.0)
+        await failures(1)  # sent, timed out: kept
+        assert cluster.settlements_lost == 0
+        second.settle(10, 0.0)
+        await failures(2)  # both sent again a second later, timed out: one too many
+        assert (cluster.failures, cluster.settlements_lost) == (2, 1)
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+        await cluster.close()
