@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import secrets
 import shutil
 import signal
 import sqlite3
@@ -32,6 +33,7 @@ from .test_cli import free_port
 from .test_lifecycle import GatewayProcess
 
 ROOT = Path(__file__).parent.parent
+PG_DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 KEY = new_key()
 
 
@@ -92,14 +94,19 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def fleet_config(
-    tmp_path: Path, redis_url: str, limits: str, policy: str = "open", timeout: float = 2.0
+    tmp_path: Path,
+    redis_url: str,
+    limits: str,
+    policy: str = "open",
+    timeout: float = 2.0,
+    storage: str | None = None,
 ) -> Path:
     """A fleet's config. The generous Redis timeout keeps a busy test machine from tripping
     the fail-open policy (which would rightly let a process decide alone)."""
     path = tmp_path / "fleet.toml"
     path.write_text(f"""
 [storage]
-path = "{tmp_path / "usage.db"}"
+{storage or f'path = "{tmp_path / "usage.db"}"'}
 
 [cluster]
 redis_url = "{redis_url}"
@@ -117,6 +124,28 @@ hash = "{hash_key(KEY)}"
 limits = {{ {limits} }}
 """)
     return path
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A fresh schema on the test PostgreSQL server, as a URL with its search_path."""
+    asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (.[test] has it)")
+    server = os.environ.get("GATEWAY_TEST_POSTGRES_URL") or PG_DEFAULT_URL
+    schema = f"cluster_{secrets.token_hex(4)}"
+    try:
+        conn = await asyncpg.connect(server, timeout=5)
+    except Exception as e:  # any failure to reach the server means: no server here
+        pytest.skip(f"no PostgreSQL server ({type(e).__name__}); .ci/run starts one")
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+    finally:
+        await conn.close()
+    yield f"{server}{'&' if '?' in server else '?'}search_path={schema}"
+    conn = await asyncpg.connect(server, timeout=5)
+    try:
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    finally:
+        await conn.close()
 
 
 @pytest.fixture
@@ -440,6 +469,24 @@ async def test_a_flushed_redis_seeds_quotas_from_the_usage_store(
         assert await embed(session, gw.url) == 429
     finally:
         await stop_fleet([gw])
+
+
+async def test_a_fleet_on_postgresql_seeds_from_everyones_usage(
+    tmp_path: Path, redis_server: RedisServer, session: aiohttp.ClientSession, pg_url: str
+) -> None:
+    storage = f'url = "{pg_url}"\nflush_interval = 0.05'
+    config = fleet_config(tmp_path, redis_server.url, "requests_per_day = 6", storage=storage)
+    fleet = await start_fleet(config, 2)
+    try:
+        a, b = (g.url for g in fleet)
+        assert [await embed(session, url) for url in (a, b, a, b)] == [200, 200, 200, 200]
+        await asyncio.sleep(0.5)  # each process has written its records to the shared database
+        await redis_server.call("FLUSHALL")
+        # the seed counts the whole fleet's 4, not only the seeding process's 2
+        assert [await embed(session, url) for url in (a, b, a, b)] == [200, 200, 429, 429]
+    finally:
+        results = await stop_fleet(fleet)
+    assert all(code == 0 for code, _ in results), results
 
 
 async def test_settling_below_the_estimate_refills_the_token_bucket(
