@@ -508,6 +508,10 @@ def _check(config: Config) -> None:
     cluster = config.cluster
     if cluster.redis_url is not None and not re.match(r"^rediss?://", cluster.redis_url):
         raise ConfigError('cluster.redis_url: expected "redis://host:port/db" or "rediss://..."')
+    if cluster.redis_url is not None and re.search(
+        r"[?&]ssl_cert_reqs=(?!(none|required)(&|$))", cluster.redis_url
+    ):
+        raise ConfigError("cluster.redis_url: ssl_cert_reqs must be none or required")
     if cluster.redis_timeout <= 0:
         raise ConfigError("cluster.redis_timeout: must be greater than 0 seconds")
     st = config.storage

@@ -872,6 +872,18 @@ class Limiter:
         else:
             st.total_cost = period_cost
 
+    def mark_used(self, key_id: str) -> None:
+        """Count a request admitted elsewhere (by the fleet's limits in Redis) toward the key's
+        clean days, as `admit` counts its own."""
+        self._tick()
+        self._state(key_id).used = True
+
+    def mark_refused(self, key_id: str) -> None:
+        """Count a refusal by one of the key's own limits decided elsewhere: the day is not
+        clean."""
+        self._tick()
+        self._state(key_id).refused = True
+
     def restore_streak(self, key_id: str, streak: KeyStreak) -> None:
         """Set a key's run of clean days as persisted from `streaks`."""
         self._tick()

@@ -103,6 +103,9 @@ def render_metrics(state: GatewayState, access_log_dropped: int) -> str:
              state.cluster.local_admissions),
             ("gateway_cluster_degraded", "1 while Redis is unavailable.",
              int(state.cluster.degraded)),
+            ("gateway_cluster_settlements_lost_total",
+             "Usage counts dropped unsent because Redis stayed unavailable too long.",
+             state.cluster.settlements_lost),
         ]  # fmt: skip
     for name, help_text, value in singles:
         kind = "counter" if name.endswith("_total") else "gauge"

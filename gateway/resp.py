@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-from urllib.parse import unquote, urlsplit
+import ssl
+from urllib.parse import parse_qs, unquote, urlsplit
 
 Reply = int | bytes | None | list["Reply"]
 
@@ -26,6 +27,16 @@ class RedisConnection:
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 6379
+        # rediss://: TLS, verified against the system's CAs unless ?ssl_cert_reqs=none
+        self.ssl: ssl.SSLContext | None = None
+        if parts.scheme == "rediss":
+            self.ssl = ssl.create_default_context()
+            reqs = parse_qs(parts.query).get("ssl_cert_reqs", ["required"])[-1]
+            if reqs == "none":
+                self.ssl.check_hostname = False
+                self.ssl.verify_mode = ssl.CERT_NONE
+            elif reqs != "required":
+                raise ValueError(f"ssl_cert_reqs: expected none or required, got {reqs!r}")
         self.password = unquote(parts.password) if parts.password else None
         self.username = unquote(parts.username) if parts.username else None
         path = parts.path.strip("/")
@@ -46,7 +57,7 @@ class RedisConnection:
         async with self._connecting:
             if self.connected:
                 return
-            reader, writer = await asyncio.open_connection(self.host, self.port)
+            reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
             self._writer = writer
             self._reader_task = asyncio.ensure_future(self._read(reader))
             if self.password is not None:

@@ -88,12 +88,14 @@ class GatewayState:
         s = config.server
         self.breakers = Breakers(s.breaker_failures, s.breaker_cooldown)
         self.limiter = Limiter(config.limits)
+        self.usage = UsageRecorder(config.storage)
         self.cluster: RedisLimiter | None = None
         if config.cluster.redis_url:
             from .cluster import RedisLimiter  # Redis is imported only when configured
 
-            self.cluster = RedisLimiter(config.cluster, self.limiter, config.limits.day_reset_hour)
-        self.usage = UsageRecorder(config.storage)
+            self.cluster = RedisLimiter(
+                config.cluster, self.limiter, config.limits.day_reset_hour, self.usage
+            )
         self.metrics = Metrics()
         self.in_flight: dict[int, Exchange] = {}  # what the dashboard shows as live
         self.started_at = time.time()

@@ -255,7 +255,7 @@ class UsageStore:
         self.transactions = 0  # committed write_batch transactions, for tests and metrics
         self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
         try:
-            self.conn.execute("PRAGMA journal_mode = WAL")
+            self._use_wal(busy_timeout)
             # FULL syncs the WAL at each commit (NORMAL only at checkpoints, which a power loss
             # could undo): one fsync per batch, on the writer thread, buys the crash bound.
             self.conn.execute("PRAGMA synchronous = FULL")
@@ -264,6 +264,20 @@ class UsageStore:
         except BaseException:
             self.conn.close()
             raise
+
+    def _use_wal(self, busy_timeout: float) -> None:
+        # While another process holds the write lock on a new file (migrating it), SQLite
+        # refuses the switch to WAL at once instead of waiting busy_timeout: `serve --workers N`
+        # starting on a fresh database lost a worker to it. Wait here instead.
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                self.conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     def close(self) -> None:
         self.conn.close()
