@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING
 import orjson
 
 from ..errors import GatewayError, UpstreamError, from_upstream
-from .base import UpstreamCall, Usage, json_or_none, load_object, register, translate_events
+from .base import (
+    Translator,
+    UpstreamCall,
+    Usage,
+    json_or_none,
+    load_object,
+    register,
+    translate_events,
+)
 from .sse import DONE, Event, SSEParser, encode
 
 if TYPE_CHECKING:
@@ -22,7 +30,7 @@ if TYPE_CHECKING:
     from ..schema.openai import JSONObject
 
 
-class _PassThrough:
+class _PassThrough(Translator):
     """State and helpers every OpenAI-compatible translator shares."""
 
     path = ""
