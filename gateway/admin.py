@@ -25,6 +25,7 @@ from .ops import breaker_states
 from .runtime import STATE, GatewayState
 from .usage_store import KeyConflict, PeriodUsage, UnknownKey
 from .usage_types import MAX_GRACE as MAX_GRACE  # (the dashboard imports it from here)
+from .usage_types import MAX_KEY_ID, KeyFieldError, check_key_fields
 
 
 def _json(obj: object, status: int = 200) -> web.Response:
@@ -78,11 +79,14 @@ async def create_key(request: web.Request) -> web.Response:
         raise InvalidRequest("'id' is required: a name for the key.", param="id")
     models = body.get("models", ["*"])
     tier = body.get("tier")
+    description = body.get("description") or ""
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise InvalidRequest("'models' must be an array of model ids or patterns.", param="models")
     if tier is not None and not isinstance(tier, str):
-        raise InvalidRequest(f"No tier '{tier}' in the config.", param="tier")
-    issued = await add_client_key(state, key_id, models, tier, str(body.get("description", "")))
+        raise InvalidRequest("'tier' must be the name of a tier in the config.", param="tier")
+    if not isinstance(description, str):
+        raise InvalidRequest("'description' must be a string.", param="description")
+    issued = await add_client_key(state, key_id, models, tier, description)
     # the only time the key is ever shown
     return _json({"id": issued.id, "key": issued.key, "models": models, "tier": tier}, status=201)
 
@@ -185,7 +189,12 @@ async def add_client_key(
     if any(k.id == key_id for k in state.config.keys):
         raise InvalidRequest(f"Key id '{key_id}' is defined in the config file.", param="id")
     if tier is not None and tier not in state.config.tiers:
-        raise InvalidRequest(f"No tier '{tier}' in the config.", param="tier")
+        shown = f" '{tier}'" if len(tier) <= MAX_KEY_ID else ""  # never echo a huge one
+        raise InvalidRequest(f"No tier{shown} in the config.", param="tier")
+    try:
+        check_key_fields(description, models)
+    except KeyFieldError as e:
+        raise InvalidRequest(str(e), param=e.param) from None
     key = new_key()
     try:
         record = await state.usage.add_key(

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from .usage_types import check_key_id
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message says where and why."""
@@ -481,8 +483,10 @@ def _check(config: Config) -> None:
     seen_hashes: set[str] = set()
     for i, k in enumerate(config.keys):
         where = f"keys[{i}] ({k.id})"
-        if not _NAME.match(k.id):
-            raise ConfigError(f"{where}.id: '{k.id}' may use only letters, digits, '.', '_', '-'")
+        try:
+            check_key_id(k.id)
+        except ValueError as e:
+            raise ConfigError(f"keys[{i}].id: {e}") from None
         if k.id in seen_keys:
             raise ConfigError(f"{where}.id: key id '{k.id}' is declared twice")
         seen_keys.add(k.id)

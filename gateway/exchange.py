@@ -17,6 +17,7 @@ from .translate.base import Usage
 if TYPE_CHECKING:
     from .errors import GatewayError
     from .limits import Admission, EffectiveLimits
+    from .resilience import Deadline
     from .router import Deployment
     from .runtime import Runtime
 
@@ -26,6 +27,7 @@ class Exchange:
         "attempts",
         "client_closed",
         "client_ip",
+        "deadline",
         "deployment",
         "endpoint",
         "error_code",
@@ -63,6 +65,7 @@ class Exchange:
         self.model = ""  # as the client asked for it
         self.deployment: Deployment | None = None  # the one that served, or was tried last
         self.served: Deployment | None = None  # the one that answered, once it has
+        self.deadline: Deadline | None = None  # for every upstream call, once the first is made
         self.status = 0
         self.usage = Usage()
         self.error_code: str | None = None

@@ -132,10 +132,14 @@ async def forward(
         finally:
             metrics.in_flight_streams -= 1
     answer = await open_upstream(request, rt, route, body, endpoint, exchange)
+    translator = answer.translator
     try:
-        out = answer.translator.response_body(answer.head)
+        out = translator.response_body(answer.head)
+        # a request the upstream takes in parts (Gemini's 100-input embedding batches)
+        while (call := translator.next_call()) is not None:
+            out = translator.response_body(await send_next(request, rt, answer, call, exchange))
     finally:
-        exchange.usage = answer.translator.usage
+        exchange.usage = translator.usage
     exchange.end_upstream()
     return web.Response(body=out, content_type="application/json")
 
@@ -254,6 +258,7 @@ async def open_upstream(
         deployments = tuple(weighted_order(deployments, weights))
     seconds = deployments[0].provider.request_timeout or rt.config.server.request_timeout
     deadline = Deadline(asyncio.get_running_loop().time() + seconds, seconds)
+    exchange.deadline = deadline
     failure: GatewayError | None = None
     for position, deployment in enumerate(deployments):
         breaker = state.breakers[deployment.id]
@@ -289,6 +294,27 @@ async def open_upstream(
         exchange.served = deployment
         return answer
     raise failure or ServiceUnavailable("No deployment could serve the request.")
+
+
+async def send_next(
+    request: web.Request, rt: Runtime, answer: Answer, call: UpstreamCall, exchange: Exchange
+) -> bytes:
+    """The body of a further call of a request sent in parts: to the deployment that answered
+    the first, with the same retries and deadline; a failure fails the whole request."""
+    state = request.app[STATE]
+    deployment = answer.deployment
+    breaker = state.breakers[deployment.id]
+    if not breaker.allow():
+        raise ServiceUnavailable(
+            f"'{deployment.id}' is failing and paused (circuit open); try again shortly.",
+            code="circuit_open",
+        )
+    assert exchange.deadline is not None  # set by open_upstream
+    step = (answer.translator, call)
+    sent = await send(
+        rt, deployment, step, lambda: step, breaker, exchange, state.metrics, exchange.deadline
+    )
+    return sent.head
 
 
 def translated(

@@ -191,6 +191,9 @@ class KeyStats(TypedDict):
 Sums = Sequence[int]
 
 MAX_KEY_ID = 64
+MAX_DESCRIPTION = 200
+MAX_MODELS = 100  # ids or patterns in one key's list
+MAX_MODEL_PATTERN = 200
 KEY_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_KEY_ID - 1}}}")
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _INT64 = range(-(2**63), 2**63)
@@ -253,6 +256,28 @@ def check_key_id(key_id: str) -> None:
         raise ValueError(
             f"a key id{shown} is 1 to {MAX_KEY_ID} letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
+        )
+
+
+class KeyFieldError(ValueError):
+    """A field of a new key out of bounds; `param` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_key_fields(description: str, models: Sequence[str]) -> None:
+    """Bounds on what a new key carries, so that an admin request cannot store megabytes."""
+    if len(description) > MAX_DESCRIPTION:
+        raise KeyFieldError(
+            "description", f"a key's description is at most {MAX_DESCRIPTION} characters"
+        )
+    if len(models) > MAX_MODELS or any(len(m) > MAX_MODEL_PATTERN for m in models):
+        raise KeyFieldError(
+            "models",
+            f"a key's models are at most {MAX_MODELS} ids or patterns of at most "
+            f"{MAX_MODEL_PATTERN} characters each",
         )
 
 

@@ -115,3 +115,21 @@ def test_alias_may_be_a_string_or_a_list(monkeypatch: pytest.MonkeyPatch) -> Non
     }
     with pytest.raises(ConfigError, match="one positive weight per model"):
         loads(MINIMAL + '[aliases]\n"c" = { models = ["openai/gpt-4o"], weights = [1, 2] }\n')
+
+
+HASH = "sha256:" + "0" * 64
+
+
+@pytest.mark.parametrize("key_id", ["k" * 65, "-lead", "sp ace", ""])
+def test_a_config_key_id_follows_the_admin_rule(key_id: str) -> None:
+    """[[keys]] ids are 1 to 64 plain characters, as ids made by the admin API and the CLI;
+    a long one is not repeated in the message."""
+    message = error_of(MINIMAL + f'[[keys]]\nid = "{key_id}"\nhash = "{HASH}"')
+    assert message.startswith("keys[0].id: a key id"), message
+    assert "1 to 64" in message
+    assert len(message) < 200
+
+
+def test_a_config_key_id_of_64_characters_is_fine() -> None:
+    config = loads(MINIMAL + f'[[keys]]\nid = "{"k" * 64}"\nhash = "{HASH}"')
+    assert config.keys[0].id == "k" * 64

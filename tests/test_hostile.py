@@ -488,6 +488,46 @@ def test_a_key_id_of_64_characters_is_fine(running: Running) -> None:
     assert status == 201, answer
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("description", "d" * 201),
+        ("description", {"not": "text"}),
+        ("models", ["m"] * 101),
+        ("models", ["m" * 201]),
+        ("tier", "t" * 5000),
+        ("tier", ["t" * 5000]),
+    ],
+    ids=[
+        "long-description",
+        "object-description",
+        "101-models",
+        "long-model",
+        "long-tier",
+        "list-tier",
+    ],
+)
+def test_key_fields_are_bounded(running: Running, field: str, value: object) -> None:
+    status, answer = running.request(
+        "POST", "/admin/keys", json.dumps({"id": "bounded", field: value}).encode(),
+        {"Authorization": f"Bearer {ADMIN}"},
+    )  # fmt: skip
+    assert_clean_4xx(status, answer)
+    assert status == 400
+    assert json.loads(answer)["error"]["param"] == field
+    assert len(answer) < 400  # a long value is not echoed back
+
+
+def test_key_fields_at_their_bounds_are_fine(running: Running) -> None:
+    body = {"id": "at-bounds", "description": "d" * 200, "models": ["m" * 200] + ["*"] * 99}
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    status, answer = running.request("POST", "/admin/keys", json.dumps(body).encode(), admin)
+    assert status == 201, answer
+    _, listed = running.request("GET", "/admin/keys", b"", admin)
+    [key] = [k for k in json.loads(listed)["data"] if k["id"] == "at-bounds"]
+    assert (key["description"], key["models"]) == (body["description"], body["models"])
+
+
 async def test_an_unexpected_error_is_a_json_500_and_a_logged_traceback(
     make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -15,10 +15,11 @@ from typing import Any
 
 import openai
 import pytest
+from aiohttp import web
 
 from gateway.tokens import count_tokens
 
-from .conftest import Gateway
+from .conftest import Gateway, MakeGateway
 from .fakes.base import fixture_bytes, sse_events
 from .fakes.gemini_upstream import cassette_requests, google_error, recorded_error
 from .streams import chunks_of, completion_of, deltas
@@ -779,18 +780,74 @@ async def test_fields_without_a_counterpart_are_not_forwarded(gateway: Gateway) 
     }
 
 
-async def test_embeddings_up_to_one_batch(gateway: Gateway) -> None:
-    client = gateway.aclient()
-    inputs = [f"text {i}" for i in range(101)]
-    with pytest.raises(openai.BadRequestError) as caught:
-        await client.embeddings.create(model="google/embedding", input=inputs)
-    assert caught.value.param == "input"
-    assert "at most 100" in caught.value.message
-    assert gateway.gemini.requests == []
+async def echo_embeddings(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    """batchEmbedContents answered with one vector per input that names it: "text 7" -> [7, 0.5]."""
+    texts = [r["content"]["parts"][0]["text"] for r in body["requests"]]
+    vectors = [{"values": [float(t.split()[1]), 0.5]} for t in texts]
+    return web.json_response({"embeddings": vectors})
 
-    result = await client.embeddings.create(model="google/embedding", input=inputs[:100])
-    assert [d.index for d in result.data] == list(range(100))
-    assert len(gateway.gemini.requests[-1].body["requests"]) == 100
+
+async def test_embeddings_beyond_one_batch_are_sent_in_several(gateway: Gateway) -> None:
+    inputs = [f"text {i}" for i in range(250)]
+    for _ in range(3):
+        gateway.gemini.next_behaviour(echo_embeddings)
+    result = await gateway.aclient().embeddings.create(
+        model="google/embedding", input=inputs, encoding_format="float"
+    )
+    # batchEmbedContents takes at most 100 requests (the fake refuses more)
+    sent = [r.body["requests"] for r in gateway.gemini.requests]
+    assert [len(batch) for batch in sent] == [100, 100, 50]
+    assert [r["content"]["parts"][0]["text"] for batch in sent for r in batch] == inputs
+    assert [d.index for d in result.data] == list(range(250))
+    assert [d.embedding for d in result.data] == [[float(i), 0.5] for i in range(250)]
+    tokens = sum(count_tokens(t) for t in inputs)
+    assert (result.usage.prompt_tokens, result.usage.total_tokens) == (tokens, tokens)
+    [record] = await gateway.records()
+    assert (record.status, record.prompt_tokens) == (200, tokens)
+
+
+async def test_a_failed_batch_fails_the_whole_request(gateway: Gateway) -> None:
+    gateway.gemini.next_behaviour(echo_embeddings)
+    status, body = google_error(503, "UNAVAILABLE", "The model is overloaded.")
+    gateway.gemini.next_json(status, body)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await gateway.aclient().embeddings.create(
+            model="google/embedding", input=[f"text {i}" for i in range(250)]
+        )
+    assert caught.value.status_code == 503
+    assert caught.value.body == {  # the error alone: no embeddings of the first batch
+        "message": "The model is overloaded.",
+        "type": "server_error",
+        "param": None,
+        "code": "service_unavailable",
+    }
+    assert len(gateway.gemini.requests) == 2  # the third batch is not sent
+    [record] = await gateway.records()
+    assert record.status == 503
+
+
+async def test_a_failed_batch_is_retried_alone(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(server="request_timeout = 5\nretries = 1\nretry_backoff = 0.01")
+    gateway.gemini.next_behaviour(echo_embeddings)
+    status, body = google_error(503, "UNAVAILABLE", "The model is overloaded.")
+    gateway.gemini.next_json(status, body)
+    gateway.gemini.next_behaviour(echo_embeddings)
+    inputs = [f"text {i}" for i in range(150)]
+    result = await gateway.aclient().embeddings.create(
+        model="google/embedding", input=inputs, encoding_format="float"
+    )
+    assert [d.embedding[0] for d in result.data] == [float(i) for i in range(150)]
+    firsts = [r.body["requests"][0]["content"]["parts"][0]["text"] for r in gateway.gemini.requests]
+    assert firsts == ["text 0", "text 100", "text 100"]
+
+
+async def test_embeddings_take_at_most_2048_inputs(gateway: Gateway) -> None:
+    inputs = [f"text {i}" for i in range(2049)]
+    with pytest.raises(openai.BadRequestError) as caught:
+        await gateway.aclient().embeddings.create(model="google/embedding", input=inputs)
+    assert caught.value.param == "input"
+    assert "at most 2048" in caught.value.message
+    assert gateway.gemini.requests == []
 
 
 @pytest.mark.parametrize(

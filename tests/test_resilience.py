@@ -460,6 +460,27 @@ async def test_malformed_event_mid_stream_is_an_error_event(gateway: Gateway) ->
 OPENAI_STREAM_ERROR = b'data: {"error": {"message": "The server had an error", "type": "server_error", "param": null, "code": null}}\n\n'
 
 
+def openai_stream_error(type_: str, code: str | None) -> bytes:
+    error = {"message": "no", "type": type_, "param": None, "code": code}
+    return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+
+
+async def test_openai_stream_opening_rate_limited_is_a_429(gateway: Gateway) -> None:
+    """An OpenAI-compatible upstream that says 200 and then, in its first event, that the
+    request is rate limited: the client gets the 429 the upstream would have sent."""
+    gateway.fake.next_stream(events=[openai_stream_error("rate_limit_exceeded", None)])
+    with pytest.raises(openai.RateLimitError) as caught:
+        await gateway.aclient().chat.completions.create(
+            model="openai/gpt-4o", messages=MESSAGES, stream=True
+        )
+    assert caught.value.status_code == 429
+    assert caught.value.code == "rate_limit_exceeded"
+    assert caught.value.response.headers["Retry-After"] == "1"
+    assert len(gateway.fake.requests) == 1
+    [record] = await gateway.records()
+    assert record.status == 429
+
+
 async def test_stream_opening_with_an_error_event_is_retried(make_gateway: MakeGateway) -> None:
     gateway = await make_gateway(server=RETRYING)
     gateway.fake.next_stream(events=[OPENAI_STREAM_ERROR])
@@ -508,6 +529,16 @@ models = ["anthropic/claude-haiku", "openai/gpt-4o"]
             "rate_limit_exceeded",
         ),
         ("openai/gpt-4o", OPENAI_STREAM_ERROR, 502, None),
+        ("openai/gpt-4o", openai_stream_error("insufficient_quota", None), 429, None),
+        ("openai/gpt-4o", openai_stream_error("tokens", "rate_limit_exceeded"), 429, None),
+        (
+            "openai/gpt-4o",
+            openai_stream_error("invalid_request_error", "context_length_exceeded"),
+            400,
+            "context_length_exceeded",
+        ),
+        ("openai/gpt-4o", openai_stream_error("overloaded", None), 503, None),
+        ("openai/gpt-4o", openai_stream_error("something_new", None), 502, None),
     ],
 )
 async def test_stream_whose_first_event_is_an_error_gets_that_status(

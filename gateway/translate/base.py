@@ -62,6 +62,8 @@ class Usage:
 
 
 class Translator(Protocol):
+    """What every translator does; translators subclass it for the defaults (`next_call`)."""
+
     usage: Usage
     # True once a stream reached its proper end (OpenAI's [DONE], Anthropic's message_stop...)
     complete: bool
@@ -77,6 +79,11 @@ class Translator(Protocol):
     def response_error(
         self, status: int, raw: bytes, headers: Mapping[str, str]
     ) -> GatewayError: ...
+
+    def next_call(self) -> UpstreamCall | None:
+        """The next upstream call of a request the upstream takes in parts, once the body of
+        the one before has gone through `response_body`; None when the request is done."""
+        return None
 
 
 class StreamInterrupted(Exception):

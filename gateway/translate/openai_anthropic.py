@@ -27,7 +27,15 @@ from ..schema.anthropic import (
 )
 from . import _openai_request as req
 from ._openai_chat import ChunkWriter, Message, completion, wants_usage
-from .base import UpstreamCall, Usage, json_or_none, load_object, register, translate_events
+from .base import (
+    Translator,
+    UpstreamCall,
+    Usage,
+    json_or_none,
+    load_object,
+    register,
+    translate_events,
+)
 from .sse import Event, SSEParser
 
 if TYPE_CHECKING:
@@ -70,7 +78,7 @@ ERROR_STATUS = {
 
 
 @register("anthropic", "chat")
-class OpenAIToAnthropicChat:
+class OpenAIToAnthropicChat(Translator):
     def __init__(self, deployment: Deployment, requested: str) -> None:
         self.deployment = deployment
         self.requested = requested

@@ -26,7 +26,15 @@ from ..schema.gemini import Content, GenerateContentRequest, Part, ToolConfig
 from ..tokens import count_tokens
 from . import _openai_request as req
 from ._openai_chat import ChunkWriter, Message, completion, wants_usage
-from .base import UpstreamCall, Usage, json_or_none, load_object, register, translate_events
+from .base import (
+    Translator,
+    UpstreamCall,
+    Usage,
+    json_or_none,
+    load_object,
+    register,
+    translate_events,
+)
 from .sse import Event, SSEParser
 
 if TYPE_CHECKING:
@@ -121,7 +129,7 @@ def finish_reason(reason: str, has_tool_calls: bool, provider: str) -> str:
 
 
 @register("gemini", "chat")
-class OpenAIToGeminiChat:
+class OpenAIToGeminiChat(Translator):
     def __init__(self, deployment: Deployment, requested: str) -> None:
         self.deployment = deployment
         self.requested = requested
@@ -265,16 +273,14 @@ class OpenAIToGeminiChat:
 
 # batchEmbedContents takes at most this many requests in one call
 MAX_EMBEDDING_BATCH = 100
+# OpenAI's own limit on inputs per request, which also bounds the calls one request makes
+MAX_EMBEDDING_INPUTS = 2048
 
 
 @register("gemini", "embeddings")
-class OpenAIToGeminiEmbeddings:
-    """OpenAI embeddings to batchEmbedContents: one request for all inputs.
-
-    More inputs than one batch holds would need several upstream calls, which the request
-    path cannot make for one translator yet: they are a 400 naming `input` (so that a route
-    with a fallback hands them to the next deployment).
-    """
+class OpenAIToGeminiEmbeddings(Translator):
+    """OpenAI embeddings to batchEmbedContents, which takes at most MAX_EMBEDDING_BATCH
+    inputs: more are sent in several calls, one after another, and joined in order."""
 
     def __init__(self, deployment: Deployment, requested: str) -> None:
         self.deployment = deployment
@@ -284,6 +290,8 @@ class OpenAIToGeminiEmbeddings:
         self.complete = False
         self._inputs: list[str] = []
         self._base64 = False
+        self._calls: list[UpstreamCall] = []  # the batches still to send
+        self._data: list[JSONObject] = []  # the embeddings of the batches answered so far
 
     def request(self, body: JSONObject) -> UpstreamCall:
         raw = body["input"]
@@ -299,12 +307,11 @@ class OpenAIToGeminiEmbeddings:
             {"model", "input", "encoding_format", "dimensions", "user"},
             "gemini",
         )
-        if len(inputs) > MAX_EMBEDDING_BATCH:
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
             raise InvalidRequest(
-                f"gemini embedding models take at most {MAX_EMBEDDING_BATCH} inputs per "
-                f"request, got {len(inputs)}; send them in several requests.",
+                f"'input' may hold at most {MAX_EMBEDDING_INPUTS} texts, got {len(inputs)}.",
                 param="input",
-                code="unsupported_value",
+                code="invalid_value",
             )
         self._inputs = inputs
         self._base64 = body.get("encoding_format") == "base64"
@@ -316,24 +323,43 @@ class OpenAIToGeminiEmbeddings:
                 item["outputDimensionality"] = body["dimensions"]
             requests.append(item)
         path = _model_path(self.deployment) + ":batchEmbedContents"
-        return UpstreamCall(path, orjson.dumps({"requests": requests}), False)
+        n = MAX_EMBEDDING_BATCH
+        self._calls = [
+            UpstreamCall(path, orjson.dumps({"requests": requests[i : i + n]}), False)
+            for i in range(0, len(requests), n)
+        ]
+        return self._calls.pop(0)
+
+    def next_call(self) -> UpstreamCall | None:
+        return self._calls.pop(0) if self._calls else None
 
     def response_body(self, raw: bytes) -> bytes:
+        """The whole OpenAI answer once the last batch is in; b"" before."""
         obj = load_object(raw, self.provider)
-        data = []
-        for i, item in enumerate(obj.get("embeddings") or []):
+        batch = self._inputs[len(self._data) : len(self._data) + MAX_EMBEDDING_BATCH]
+        embeddings = obj.get("embeddings")
+        if not isinstance(embeddings, list) or len(embeddings) != len(batch):
+            raise UpstreamError(
+                f"provider '{self.provider}' did not send one embedding for each input",
+                code="upstream_invalid_response",
+            )
+        for item in embeddings:
             values = item.get("values") or [] if isinstance(item, dict) else []
             vector: list[float] | str = values
             if self._base64:
                 vector = base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
-            data.append({"object": "embedding", "index": i, "embedding": vector})
+            self._data.append(
+                {"object": "embedding", "index": len(self._data), "embedding": vector}
+            )
         # The embedding API reports no token counts: count them the gateway's way.
-        tokens = sum(count_tokens(t) for t in self._inputs)
-        self.usage.prompt_tokens = tokens
+        self.usage.prompt_tokens += sum(count_tokens(t) for t in batch)
+        if self._calls:
+            return b""
+        tokens = self.usage.prompt_tokens
         return orjson.dumps(
             {
                 "object": "list",
-                "data": data,
+                "data": self._data,
                 "model": self.requested,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }

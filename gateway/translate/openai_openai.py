@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING
 import orjson
 
 from ..errors import GatewayError, UpstreamError, from_upstream
-from .base import UpstreamCall, Usage, json_or_none, load_object, register, translate_events
+from .base import (
+    Translator,
+    UpstreamCall,
+    Usage,
+    json_or_none,
+    load_object,
+    register,
+    translate_events,
+)
 from .sse import DONE, Event, SSEParser, encode
 
 if TYPE_CHECKING:
@@ -22,7 +30,7 @@ if TYPE_CHECKING:
     from ..schema.openai import JSONObject
 
 
-class _PassThrough:
+class _PassThrough(Translator):
     """State and helpers every OpenAI-compatible translator shares."""
 
     path = ""
@@ -98,7 +106,7 @@ class OpenAIChat(_PassThrough):
             return DONE
         obj = load_object(data, self.provider)
         if "error" in obj:  # an upstream error event: the stream is over
-            raise openai_error(500, data, {}, self.provider)
+            raise openai_error(None, data, {}, self.provider)
         for choice in obj.get("choices") or ():
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if isinstance(delta, dict):
@@ -164,10 +172,33 @@ def _int(v: object) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
+# OpenAI error codes and types -> HTTP status, for errors that arrive inside a stream, whose
+# 200 has already been sent: the status the same error would have had before the stream.
+STREAM_ERROR_STATUS = {
+    "invalid_request_error": 400,
+    "invalid_prompt": 400,
+    "context_length_exceeded": 400,
+    "authentication_error": 401,
+    "invalid_api_key": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "model_not_found": 404,
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+    "server_error": 500,
+    "overloaded": 503,
+    "overloaded_error": 503,
+    "service_unavailable": 503,
+    "timeout": 504,
+}
+
+
 def openai_error(
-    status: int, raw: bytes, headers: Mapping[str, str], provider: str
+    status: int | None, raw: bytes, headers: Mapping[str, str], provider: str
 ) -> GatewayError:
-    """An OpenAI-format error body (``{"error": {...}}``) from an upstream, as our error."""
+    """An OpenAI-format error body (``{"error": {...}}``) from an upstream, as our error;
+    `status` None for an error event inside a stream, whose code or type gives the status."""
     message, type_, code, param = "", None, None, None
     obj = json_or_none(raw)
     err = obj.get("error") if isinstance(obj, dict) else None
@@ -180,6 +211,8 @@ def openai_error(
         param = err.get("param") if isinstance(err.get("param"), str) else None
     elif isinstance(err, str):
         message = err
+    if status is None:
+        status = STREAM_ERROR_STATUS.get(code or "") or STREAM_ERROR_STATUS.get(type_ or "", 500)
     return from_upstream(
         status,
         message,
