@@ -45,7 +45,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Config loaded, usage store writable, and at least one provider not paused."""
+    """Config loaded, the usage writer's last write succeeded, and a provider not paused."""
     state = request.app[STATE]
     problems = []
     if state.usage.failing:
