@@ -224,3 +224,41 @@ async def test_speech_binary_is_streamed_through(gateway: Gateway) -> None:
         audio = b"".join([chunk async for chunk in response.iter_bytes()])
     assert audio == b"".join(SPEECH_CHUNKS)
     assert gateway.fake.requests[-1].body["voice"] == "alloy"
+
+
+async def test_stream_events_pass_unchanged_unless_something_must_be_patched(
+    gateway: Gateway,
+) -> None:
+    """An event that already names the model asked for reaches the client byte for byte (no
+    re-encoding); one naming the upstream's model is patched; the usage chunk the gateway
+    added is dropped; an event of two data lines is still framed right."""
+    same = b'{"id": "c1", "object": "chat.completion.chunk", "model": "openai/gpt-4o", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "caf\\u00e9"}, "finish_reason": null}]}'
+    other = b'{"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-2024-08-06","choices":[{"index":0,"delta":{"content":" ok"},"finish_reason":"stop"}]}'
+    usage = b'{"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-2024-08-06","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
+    split = (
+        b'{"id":"c1","object":"chat.completion.chunk",\ndata: "model":"openai/gpt-4o","choices":[]}'
+    )
+    gateway.fake.next_stream(
+        events=[b"data: " + d + b"\n\n" for d in (same, split, other, usage, b"[DONE]")]
+    )
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gateway.base_url + "/chat/completions",
+            json={"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        ) as resp,
+    ):
+        assert resp.status == 200
+        body = await resp.read()
+    events = body.split(b"\n\n")
+    assert events[0] == b"data: " + same
+    assert json.loads(events[1].removeprefix(b"data: ")) == {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "model": "openai/gpt-4o",
+        "choices": [],
+    }
+    assert json.loads(events[2].removeprefix(b"data: "))["model"] == "openai/gpt-4o"
+    assert events[3:] == [b"data: [DONE]", b""]
+    assert gateway.fake.requests[-1].body["stream_options"] == {"include_usage": True}
