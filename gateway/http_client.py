@@ -94,7 +94,7 @@ class Pool:
         if proto is None:  # (not `or`: a ResponseHandler with nothing queued is falsy)
             proto = await self._connect()
         try:
-            proto.set_response_params(read_timeout=read_timeout, read_bufsize=READ_BUFSIZE)
+            proto.read_timeout = read_timeout
             transport = proto.transport
             if transport is None:  # lost between the check and now
                 raise ClientConnectionError("connection lost before the request was sent")
@@ -169,6 +169,8 @@ class Pool:
         except OSError as e:  # refused, unresolvable, TLS handshake or certificate
             raise ConnectFailed(f"cannot connect to {self._host}:{self._port}: {e}") from e
         tcp_nodelay(transport, True)
+        # one parser for the connection's life: after a whole answer it is ready for the next
+        proto.set_response_params(read_bufsize=READ_BUFSIZE)
         return proto
 
     def _sweep(self) -> None:

@@ -42,6 +42,8 @@ class _PassThrough:
     def response_body(self, raw: bytes) -> bytes:
         obj = load_object(raw, self.provider)
         take_openai_usage(self.usage, obj.get("usage"))
+        if obj.get("model") == self.requested:
+            return raw  # nothing to patch: the body as it came
         obj["model"] = self.requested
         return orjson.dumps(obj)
 
