@@ -62,14 +62,18 @@ class Pool:
         netloc = f"[{self._host}]" if ":" in self._host else self._host
         if url.port is not None:
             netloc += f":{url.port}"
-        sent = {
+        defaults = {
             "Host": netloc,
             "User-Agent": SERVER_SOFTWARE,
             "Accept": "*/*",
             "Accept-Encoding": "gzip, deflate",
-            **headers,
         }
-        self._header_block = "".join(f"{k}: {v}\r\n" for k, v in sent.items())
+        sent: dict[str, tuple[str, str]] = {}  # by lower-case name: a configured one wins
+        for name, value in (*defaults.items(), *headers.items()):
+            if any(c in name + value for c in "\r\n\0"):
+                raise ValueError(f"header {name!r} holds a line break")
+            sent[name.lower()] = (name, value)
+        self._header_block = "".join(f"{k}: {v}\r\n" for k, v in sent.values())
         self._heads: dict[str, bytes] = {}  # path -> request head up to Content-Length's value
         self._idle: list[tuple[ResponseHandler, float]] = []
         self._sweeper: asyncio.TimerHandle | None = None
@@ -170,7 +174,8 @@ class Pool:
             raise ConnectFailed(f"cannot connect to {self._host}:{self._port}: {e}") from e
         tcp_nodelay(transport, True)
         # one parser for the connection's life: after a whole answer it is ready for the next
-        proto.set_response_params(read_bufsize=READ_BUFSIZE)
+        # a body with neither length nor chunks runs to the close, as ClientSession reads it
+        proto.set_response_params(read_until_eof=True, read_bufsize=READ_BUFSIZE)
         return proto
 
     def _sweep(self) -> None:

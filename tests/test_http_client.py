@@ -192,3 +192,37 @@ async def test_https_verifies_the_certificate_and_keeps_alive(
     untrusting = Pool(base_url(server, "https"), {}, connect_timeout=2)
     with pytest.raises(ConnectFailed):
         await untrusting.post("/echo", b"{}", 5)
+
+
+async def test_a_body_without_length_runs_to_the_close_and_configured_headers_win() -> None:
+    """An answer with neither Content-Length nor chunks is read until the upstream closes;
+    a configured header replaces the default of the same name, whatever its case."""
+    heads: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+        writer.write(b"data: one\n\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"data: two\n\n")
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        pool = Pool(f"http://127.0.0.1:{port}", {"user-agent": "mine/1"}, connect_timeout=2)
+        proto, message, payload = await pool.post("/v1/x", b"{}", 5)
+        assert message.code == 200
+        assert await payload.read() == b"data: one\n\ndata: two\n\n"
+        pool.release(proto, payload)
+        assert not pool._idle  # a connection ended by its close is not kept
+        await pool.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    head = heads[0].decode().lower()
+    assert head.count("user-agent:") == 1 and "user-agent: mine/1\r\n" in head
+    assert head.startswith("post /v1/x http/1.1\r\n")
+    with pytest.raises(ValueError):
+        Pool("http://127.0.0.1:1", {"X-Bad": "a\r\nInjected: 1"}, connect_timeout=1)
