@@ -13,6 +13,7 @@ body is an aiohttp ``StreamReader`` read as it arrives, never buffered whole.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Mapping
 from urllib.parse import quote, urlsplit
@@ -25,6 +26,7 @@ from aiohttp.tcp_helpers import tcp_nodelay
 
 READ_BUFSIZE = 2**16  # what ClientSession reads into a body's buffer before pausing
 KEEPALIVE_SECONDS = 60.0  # an idle connection is closed after this long
+DNS_TTL = 300.0  # seconds a host's addresses are kept
 MAX_IDLE = 256  # idle connections kept per provider; more are closed when released
 _PATH_SAFE = "/:?=&%@+,;!$'()*~-._"  # already-encoded paths and queries pass unchanged
 
@@ -78,6 +80,9 @@ class Pool:
         self._idle: list[tuple[ResponseHandler, float]] = []
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        self._addresses: list[str] = []
+        self._resolved_until = 0.0
+        self._lookup: asyncio.Future[list[str]] | None = None
 
     async def post(
         self, path: str, body: bytes, read_timeout: float | None
@@ -161,13 +166,21 @@ class Pool:
         ssl_context = self._ssl_context
         try:
             async with asyncio.timeout(self._connect_timeout):
-                transport, proto = await loop.create_connection(
-                    lambda: ResponseHandler(loop),
-                    self._host,
-                    self._port,
-                    ssl=ssl_context,
-                    server_hostname=self._host if ssl_context is not None else None,
-                )
+                addresses = await self._resolve(loop)
+                for i, address in enumerate(addresses):  # in order, as create_connection does
+                    try:
+                        transport, proto = await loop.create_connection(
+                            lambda: ResponseHandler(loop),
+                            address,
+                            self._port,
+                            ssl=ssl_context,
+                            server_hostname=self._host if ssl_context is not None else None,
+                        )
+                        break
+                    except OSError:
+                        if i == len(addresses) - 1:
+                            self._resolved_until = 0.0  # look the name up again next time
+                            raise
         except TimeoutError:
             raise ConnectTimeout(f"no connection to {self._host}:{self._port}") from None
         except OSError as e:  # refused, unresolvable, TLS handshake or certificate
@@ -177,6 +190,27 @@ class Pool:
         # a body with neither length nor chunks runs to the close, as ClientSession reads it
         proto.set_response_params(read_until_eof=True, read_bufsize=READ_BUFSIZE)
         return proto
+
+    async def _resolve(self, loop: asyncio.AbstractEventLoop) -> list[str]:
+        """The host's addresses, looked up at most every DNS_TTL seconds (as aiohttp's
+        connector cached them), so that a burst of new connections is not a burst of
+        lookups in the executor."""
+        if loop.time() < self._resolved_until:
+            return self._addresses
+        if self._lookup is None:  # one lookup, however many connections wait for it
+            self._lookup = asyncio.ensure_future(self._look_up(loop))
+        return await asyncio.shield(self._lookup)
+
+    async def _look_up(self, loop: asyncio.AbstractEventLoop) -> list[str]:
+        try:
+            infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+        finally:
+            self._lookup = None
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not addresses:
+            raise OSError(f"no address for {self._host}")
+        self._addresses, self._resolved_until = addresses, loop.time() + DNS_TTL
+        return addresses
 
     def _sweep(self) -> None:
         """Close connections idle for longer than the keep-alive time."""

@@ -226,3 +226,29 @@ async def test_a_body_without_length_runs_to_the_close_and_configured_headers_wi
     assert head.startswith("post /v1/x http/1.1\r\n")
     with pytest.raises(ValueError):
         Pool("http://127.0.0.1:1", {"X-Bad": "a\r\nInjected: 1"}, connect_timeout=1)
+
+
+async def test_a_host_name_is_looked_up_once_for_many_connections(
+    echo: tuple[Echo, TestServer],
+) -> None:
+    fake, server = echo
+    loop = asyncio.get_running_loop()
+    lookups: list[str] = []
+    real = loop.getaddrinfo
+
+    async def counting(host: str, *args: object, **kw: object) -> object:
+        lookups.append(host)
+        return await real(host, *args, **kw)  # type: ignore[arg-type]
+
+    loop.getaddrinfo = counting  # type: ignore[method-assign,assignment]
+    try:
+        pool = Pool(f"http://localhost:{server.port}/v1", {}, connect_timeout=2)
+        answers = await asyncio.gather(*(pool.post("/echo", b"{}", 5) for _ in range(4)))
+        for proto, _, payload in answers:
+            assert await payload.read() == b"{}"
+            pool.release(proto, payload)
+        await pool.close()
+    finally:
+        del loop.getaddrinfo
+    assert len(set(fake.ports)) == 4  # four connections at once
+    assert lookups == ["localhost"]
