@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from base64 import b64encode
 from collections.abc import Mapping
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from aiohttp.client_exceptions import ClientConnectionError
 from aiohttp.client_proto import ResponseHandler
@@ -70,6 +71,9 @@ class Pool:
             "Accept": "*/*",
             "Accept-Encoding": "gzip, deflate",
         }
+        if url.username is not None:  # credentials in the URL, as ClientSession sent them
+            user_pass = f"{unquote(url.username)}:{unquote(url.password or '')}"
+            defaults["Authorization"] = "Basic " + b64encode(user_pass.encode()).decode()
         sent: dict[str, tuple[str, str]] = {}  # by lower-case name: a configured one wins
         for name, value in (*defaults.items(), *headers.items()):
             if any(c in name + value for c in "\r\n\0"):

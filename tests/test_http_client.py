@@ -4,6 +4,7 @@ loopback: keep-alive reuse, chunked bodies as they arrive, abandoned answers, TL
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import ssl
 import subprocess
@@ -226,6 +227,18 @@ async def test_a_body_without_length_runs_to_the_close_and_configured_headers_wi
     assert head.startswith("post /v1/x http/1.1\r\n")
     with pytest.raises(ValueError):
         Pool("http://127.0.0.1:1", {"X-Bad": "a\r\nInjected: 1"}, connect_timeout=1)
+
+
+async def test_credentials_in_the_base_url_are_sent_as_basic_auth(
+    echo: tuple[Echo, TestServer],
+) -> None:
+    fake, server = echo
+    pool = Pool(f"http://us%40er:pa%3Ass@127.0.0.1:{server.port}/v1", {}, connect_timeout=2)
+    proto, _, payload = await pool.post("/echo", b"{}", 5)
+    assert await payload.read() == b"{}"
+    pool.release(proto, payload)
+    await pool.close()
+    assert fake.heads[0]["Authorization"] == "Basic " + base64.b64encode(b"us@er:pa:ss").decode()
 
 
 async def test_a_host_name_is_looked_up_once_for_many_connections(
