@@ -21,6 +21,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from aiohttp.client_exceptions import ClientConnectionError
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
 from aiohttp.http import SERVER_SOFTWARE, RawResponseMessage
 from aiohttp.streams import StreamReader
 from aiohttp.tcp_helpers import tcp_nodelay
@@ -65,12 +66,9 @@ class Pool:
         netloc = f"[{self._host}]" if ":" in self._host else self._host
         if url.port is not None:
             netloc += f":{url.port}"
-        defaults = {
-            "Host": netloc,
-            "User-Agent": SERVER_SOFTWARE,
-            "Accept": "*/*",
-            "Accept-Encoding": "gzip, deflate",
-        }
+        defaults = {"Host": netloc, "User-Agent": SERVER_SOFTWARE}
+        # Accept, and the encodings aiohttp can decompress here: what ClientSession sent
+        defaults.update((str(k), v) for k, v in ClientRequest.DEFAULT_HEADERS.items())
         if url.username is not None:  # credentials in the URL, as ClientSession sent them
             user_pass = f"{unquote(url.username)}:{unquote(url.password or '')}"
             defaults["Authorization"] = "Basic " + b64encode(user_pass.encode()).decode()
