@@ -11,10 +11,15 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
-import aiohttp
+from aiohttp.client_exceptions import ClientError
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http import RawResponseMessage
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
 
 from .config import ProviderConfig, ServerConfig
 from .errors import GatewayError, ServiceUnavailable, UpstreamError, UpstreamTimeout
+from .http_client import ConnectFailed, Pool
 from .translate.base import UpstreamCall
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -68,51 +73,45 @@ class HTTPUpstream:
         }
         timeout = provider.request_timeout or server.request_timeout
         # Whole non-stream responses must arrive within the timeout; streams may run longer
-        # but never stay silent for longer than it (sock_read also bounds the wait for headers).
+        # but never stay silent for longer than it (the read timeout also bounds the wait for
+        # the head). Streams are timed by the gateway (the request deadline and first-token
+        # timeout in the handler, idle and total by the stream watch); their bounds here are
+        # outer ones only.
         idle = provider.idle_timeout or server.idle_timeout
-        self._timeout_whole = aiohttp.ClientTimeout(
-            total=timeout, sock_connect=server.connect_timeout, sock_read=timeout
-        )
-        # Streams are timed by the gateway (the request deadline and first-token timeout in
-        # the handler, idle and total by the stream watch); these are outer bounds only.
-        self._timeout_stream = aiohttp.ClientTimeout(
-            total=server.stream_timeout + 1,
-            sock_connect=server.connect_timeout,
-            sock_read=max(timeout, idle) + 1,
-        )
+        self._read_whole, self._total_whole = timeout, timeout
+        self._read_stream = max(timeout, idle) + 1
+        self._total_stream = server.stream_timeout + 1
+        self._connect_timeout = server.connect_timeout
         self._timeout = timeout
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            headers=self._headers,
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        self._pool = Pool(self._base_url, self._headers, connect_timeout=self._connect_timeout)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            await self._pool.close()
 
     async def send(self, call: UpstreamCall) -> UpstreamResponse:
-        assert self._session is not None, "upstream used before start()"
+        pool = self._pool
+        assert pool is not None, "upstream used before start()"
+        stream = call.stream
         try:
-            resp = await self._session.post(
-                self._base_url + call.path,
-                data=call.body,
-                timeout=self._timeout_stream if call.stream else self._timeout_whole,
+            proto, message, payload = await pool.post(
+                call.path, call.body, self._read_stream if stream else self._read_whole
             )
-        except (TimeoutError, aiohttp.ClientError) as e:
+        except (TimeoutError, OSError, ClientError, HttpProcessingError, ConnectFailed) as e:
             raise self._error(e) from e
-        return _HTTPResponse(resp, self)
+        return _HTTPResponse(
+            self, pool, proto, message, payload, self._total_stream if stream else self._total_whole
+        )
 
-    def _error(self, e: Exception) -> GatewayError:
-        if isinstance(e, aiohttp.ClientConnectorError):
+    def _error(self, e: BaseException) -> GatewayError:
+        if isinstance(e, ConnectFailed):
             return ServiceUnavailable(
                 f"provider '{self.name}' is unreachable", code="upstream_unreachable"
             )
-        if isinstance(e, asyncio.TimeoutError):  # aiohttp's timeouts subclass it
+        if isinstance(e, TimeoutError):  # aiohttp's read timeout subclasses it
             return UpstreamTimeout(
                 f"provider '{self.name}' did not answer within {self._timeout:g} s",
                 code="upstream_timeout",
@@ -123,28 +122,44 @@ class HTTPUpstream:
         )
 
 
-class _HTTPResponse:
-    __slots__ = ("_resp", "_upstream", "headers", "status")
+class _TotalTimeout(TimeoutError):
+    """The whole answer took longer than its bound."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, upstream: HTTPUpstream) -> None:
-        self._resp = resp
+
+class _HTTPResponse:
+    __slots__ = ("_done", "_payload", "_pool", "_proto", "_timer", "_upstream", "headers", "status")
+
+    def __init__(
+        self,
+        upstream: HTTPUpstream,
+        pool: Pool,
+        proto: ResponseHandler,
+        message: RawResponseMessage,
+        payload: StreamReader,
+        total: float,
+    ) -> None:
         self._upstream = upstream
-        self.status = resp.status
-        self.headers: Mapping[str, str] = resp.headers
+        self._pool = pool
+        self._proto = proto
+        self._payload = payload
+        self._done = False
+        self.status = message.code
+        self.headers: Mapping[str, str] = message.headers
+        self._timer = asyncio.get_running_loop().call_later(total, self._expire)
 
     async def read(self) -> bytes:
         try:
-            return await self._resp.read()
-        except (TimeoutError, aiohttp.ClientError) as e:
+            return await self._payload.read()
+        except (TimeoutError, OSError, ClientError) as e:
             raise self._upstream._error(e) from e
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        content = self._resp.content
+        content = self._payload
         while True:
             try:
                 chunk = await content.readany()
-            except (TimeoutError, aiohttp.ClientError) as e:
-                # aiohttp drops what it buffered before the connection broke; hand it on
+            except (TimeoutError, OSError, ClientError) as e:
+                # the reader drops what it buffered before the connection broke; hand it on
                 # first, so that the client gets every byte that did arrive
                 rest = _buffered(content)
                 if rest:
@@ -155,18 +170,25 @@ class _HTTPResponse:
             yield chunk
 
     def release(self) -> None:
-        # Closing (not releasing) a response that was not read to the end drops its
-        # connection, which is what stops an upstream generation the client abandoned.
-        if self._resp.content.at_eof():
-            self._resp.release()
-        else:
-            self._resp.close()
+        # Closing (not keeping) a connection whose answer was not read to the end is what
+        # stops an upstream generation the client abandoned.
+        if not self._done:
+            self._done = True
+            self._timer.cancel()
+            self._pool.release(self._proto, self._payload)
 
     def abort(self) -> None:
-        self._resp.close()
+        self._done = True
+        self._timer.cancel()
+        self._pool.abort(self._proto, self._payload)
+
+    def _expire(self) -> None:
+        if not self._payload.is_eof():
+            self._payload.set_exception(_TotalTimeout("the answer took too long"))
+        self._proto.close()
 
 
-def _buffered(content: aiohttp.StreamReader) -> bytes:
+def _buffered(content: StreamReader) -> bytes:
     try:
         buffer = content._buffer  # no public way to read past a stored exception
         data = b"".join(buffer)[content._buffer_offset :]

@@ -224,3 +224,63 @@ async def test_speech_binary_is_streamed_through(gateway: Gateway) -> None:
         audio = b"".join([chunk async for chunk in response.iter_bytes()])
     assert audio == b"".join(SPEECH_CHUNKS)
     assert gateway.fake.requests[-1].body["voice"] == "alloy"
+
+
+async def test_stream_events_pass_unchanged_unless_something_must_be_patched(
+    gateway: Gateway,
+) -> None:
+    """An event that already names the model asked for reaches the client byte for byte (no
+    re-encoding); one naming the upstream's model is patched; the usage chunk the gateway
+    added is dropped; an event of two data lines is still framed right."""
+    same = b'{"id": "c1", "object": "chat.completion.chunk", "model": "openai/gpt-4o", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "caf\\u00e9"}, "finish_reason": null}]}'
+    other = b'{"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-2024-08-06","choices":[{"index":0,"delta":{"content":" ok"},"finish_reason":"stop"}]}'
+    usage = b'{"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-2024-08-06","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
+    split = (
+        b'{"id":"c1","object":"chat.completion.chunk",\ndata: "model":"openai/gpt-4o","choices":[]}'
+    )
+    gateway.fake.next_stream(
+        events=[b"data: " + d + b"\n\n" for d in (same, split, other, usage, b"[DONE]")]
+    )
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gateway.base_url + "/chat/completions",
+            json={"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        ) as resp,
+    ):
+        assert resp.status == 200
+        body = await resp.read()
+    events = body.split(b"\n\n")
+    assert events[0] == b"data: " + same
+    assert json.loads(events[1].removeprefix(b"data: ")) == {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "model": "openai/gpt-4o",
+        "choices": [],
+    }
+    assert json.loads(events[2].removeprefix(b"data: "))["model"] == "openai/gpt-4o"
+    assert events[3:] == [b"data: [DONE]", b""]
+    assert gateway.fake.requests[-1].body["stream_options"] == {"include_usage": True}
+
+
+async def test_a_body_that_needs_no_patch_passes_byte_for_byte(gateway: Gateway) -> None:
+    """A non-stream answer already naming the model asked for is not re-encoded; its usage
+    is still counted."""
+    raw = b'{"id": "c2", "object": "chat.completion", "created": 1, "model": "openai/gpt-4o", "choices": [{"index": 0, "message": {"role": "assistant", "content": "caf\\u00e9"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}}'
+    gateway.fake.next_json(200, raw)
+    gateway.fake.next_json(200, raw.replace(b'"openai/gpt-4o"', b'"gpt-4o-2024-08-06"'))
+    bodies = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(
+                gateway.base_url + "/chat/completions",
+                json={"model": "openai/gpt-4o", "messages": MESSAGES},
+                headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            ) as resp:
+                assert resp.status == 200
+                bodies.append(await resp.read())
+    assert bodies[0] == raw
+    assert bodies[1] != raw and json.loads(bodies[1]) == json.loads(raw)
+    records = await gateway.records()
+    assert [(r.prompt_tokens, r.completion_tokens) for r in records[-2:]] == [(7, 2), (7, 2)]

@@ -50,6 +50,8 @@ class _PassThrough(Translator):
     def response_body(self, raw: bytes) -> bytes:
         obj = load_object(raw, self.provider)
         take_openai_usage(self.usage, obj.get("usage"))
+        if obj.get("model") == self.requested:
+            return raw  # nothing to patch: the body as it came
         obj["model"] = self.requested
         return orjson.dumps(obj)
 
@@ -88,6 +90,14 @@ class OpenAIChat(_PassThrough):
         return UpstreamCall(self.path, orjson.dumps(body), True)
 
     def response_chunk(self, chunk: bytes) -> bytes:
+        if (
+            chunk.startswith(b"data: ")
+            and chunk.find(b"\n") == len(chunk) - 2  # one line, ending in a blank one
+            and chunk.endswith(b"\n\n")
+            and b"\r" not in chunk
+            and not self._sse.pending
+        ):  # the common case, one whole event per read: no parser
+            return translate_events([Event("", chunk[6:-2])], self._event)
         return translate_events(self._sse.feed(chunk), self._event)
 
     def response_end(self) -> bytes:
@@ -116,10 +126,12 @@ class OpenAIChat(_PassThrough):
         usage = obj.get("usage")
         if usage:
             take_openai_usage(self.usage, usage)
-        if not self.client_wants_usage:
+        if not self.client_wants_usage and "usage" in obj:
             if usage and not obj.get("choices"):
                 return b""  # the usage chunk the gateway asked for
-            obj.pop("usage", None)
+            del obj["usage"]
+        elif obj.get("model") == self.requested and b"\n" not in data:
+            return b"data: " + data + b"\n\n"  # nothing to patch: the event as it came
         obj["model"] = self.requested
         return encode(orjson.dumps(obj))
 
