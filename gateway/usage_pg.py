@@ -52,6 +52,7 @@ from .usage_types import (
     build_key_stats,
     build_summary,
     check_hash,
+    check_key_fields,
     check_key_id,
     daily_row,
     day_boundary,
@@ -554,6 +555,7 @@ class PostgresUsageStore:
         """Store a new key by its hash. Raises KeyConflict if the id or hash is taken."""
         check_key_id(key_id)
         check_hash(key_hash)
+        check_key_fields(description, models)
         key = ManagedKey(
             key_id, key_hash, description, tuple(models), tier, self.clock(), None, expires_at
         )

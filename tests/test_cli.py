@@ -232,3 +232,20 @@ def test_rotate_refuses_a_negative_or_absurd_grace(tmp_path: Path) -> None:
     ok = run("keys", "rotate", "app", "--config", config, "--grace", "2592000")
     assert ok.returncode == 0, ok.stderr
     assert "gw-" in ok.stdout
+
+
+def test_keys_new_applies_the_admin_apis_field_bounds(tmp_path: Path) -> None:
+    config = str(usage_config(tmp_path))
+    long = run("keys", "new", "--config", config, "--id", "app", "--description", "x" * 201)
+    assert long.returncode == 1 and "gw-" not in long.stdout
+    assert long.stderr.strip().splitlines() == [
+        "gateway: a key's description is at most 200 characters"
+    ]
+    many = run("keys", "new", "--config", config, "--id", "app", "--models", *["m"] * 101)
+    assert many.returncode == 1 and "gw-" not in many.stdout
+    with UsageStore(str(tmp_path / "usage.db")) as store:
+        assert store.get_key("app") is None
+    ok = run("keys", "new", "--config", config, "--id", "app", "--description", "x" * 200)
+    assert ok.returncode == 0, ok.stderr
+    with UsageStore(str(tmp_path / "usage.db")) as store:
+        assert store.get_key("app") is not None
