@@ -79,14 +79,23 @@ class AccessLog:
 
 
 def _text_line(entry: dict[str, object]) -> bytes:
-    """The entry for human eyes: time, status, method, path, then key=value pairs."""
-    head = f"{entry.get('ts')} {entry.get('status')} {entry.get('method')} {entry.get('path')}"
+    """The entry for human eyes: time, status, method, path, then key=value pairs. A value a
+    client chose (the path is URL-decoded) is quoted when it holds a space or a control
+    character, so that no request can forge a second line or a field."""
+    head = " ".join(_plain(entry.get(k)) for k in ("ts", "status", "method", "path"))
     rest = " ".join(
-        f"{k}={v}"
+        f"{k}={_plain(v)}"
         for k, v in entry.items()
         if k not in ("ts", "status", "method", "path") and v is not None
     )
     return f"{head} {rest}\n".encode()
+
+
+def _plain(value: object) -> str:
+    text = str(value)
+    if text.isprintable() and " " not in text and '"' not in text:
+        return text
+    return orjson.dumps(text).decode()
 
 
 ACCESS_LOG = web.AppKey("access_log", AccessLog)

@@ -493,24 +493,11 @@ async def admit(
     limiter_class = endpoint_class(endpoint)
     state = request.app[STATE]
     try:
+        wants = (principal.key_id, principal.limits, exchange.client_ip, limiter_class)
         if state.cluster is None:
-            exchange.ticket = state.limiter.admit(
-                principal.key_id,
-                principal.limits,
-                exchange.client_ip,
-                limiter_class,
-                prompt + output,
-                cost,
-            )
+            exchange.ticket = state.limiter.admit(*wants, prompt + output, cost)
         else:  # limits shared by the fleet, in Redis
-            exchange.ticket = await state.cluster.admit(
-                principal.key_id,
-                principal.limits,
-                exchange.client_ip,
-                limiter_class,
-                prompt + output,
-                cost,
-            )
+            exchange.ticket = await state.cluster.admit(*wants, prompt + output, cost)
     except GatewayError:
         exchange.refused = True
         raise

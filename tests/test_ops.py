@@ -617,3 +617,21 @@ async def test_systemd_notifications(tmp_path: Path) -> None:
     assert messages[0] == "READY=1"
     assert messages.count("WATCHDOG=1") >= 2
     assert messages[-1] == "STOPPING=1"
+
+
+def test_a_text_log_line_cannot_be_split_or_forged_by_the_path() -> None:
+    """The path is URL-decoded: `%0A` in it must not start a second line that reads like
+    another request, nor can a space fake a field."""
+    from gateway.accesslog import _text_line
+
+    forged = "/v1/x\n2026-01-01T00:00:00.000Z 200 POST /admin/keys key_id=admin"
+    line = _text_line(
+        {"ts": "2026-11-26T00:00:00.000Z", "status": 404, "method": "GET", "path": forged,
+         "key_id": "app", "model": "a b"}
+    ).decode()  # fmt: skip
+    assert line.count("\n") == 1 and line.endswith("\n")
+    assert line.startswith('2026-11-26T00:00:00.000Z 404 GET "/v1/x\\n2026-01-01')
+    assert orjson.loads(line.split(" GET ", 1)[1].split('" ', 1)[0] + '"') == forged
+    assert " key_id=app " in line and line.rstrip().endswith('model="a b"')
+    plain = _text_line({"ts": "t", "status": 200, "method": "POST", "path": "/v1/chat"})
+    assert plain == b"t 200 POST /v1/chat \n"
