@@ -66,7 +66,7 @@ from .dashboard_pages import (
     usage_page,
 )
 from .dashboard_session import LoginThrottle, Session, Sessions
-from .errors import GatewayError, InvalidRequest
+from .errors import GatewayError, InvalidAPIKey, InvalidRequest
 from .exchange import EXCHANGE
 from .ops import breaker_states
 from .runtime import STATE, GatewayState
@@ -383,7 +383,10 @@ def live_state(state: GatewayState) -> Live:
 
 async def live_json(request: web.Request) -> web.Response:
     if _session(request) is None:
-        return web.json_response({"error": "login required"}, status=401, headers=HEADERS)
+        error = InvalidAPIKey("Log in to the dashboard first.")
+        return web.Response(
+            body=error.body(), status=error.status, content_type="application/json", headers=HEADERS
+        )
     live = live_state(request.app[STATE])
     body = {
         "in_flight": [

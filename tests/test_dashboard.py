@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
 from gateway.auth import hash_key, new_key
@@ -312,6 +313,12 @@ async def test_pages_need_a_session(visitor: Visitor) -> None:
         assert (status, resp.headers["Location"]) == (303, "/dashboard/login")
     status, text, _ = await visitor.request("GET", "/dashboard/live.json")
     assert status == 401
+    error = orjson.loads(text)["error"]
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "invalid_api_key",
+        None,
+    )
     status, _, resp = await visitor.request("POST", "/dashboard/keys", {"id": "x"})
     assert (status, resp.headers["Location"]) == (303, "/dashboard/login")
     status, text, resp = await visitor.request("GET", "/dashboard/login")
