@@ -722,3 +722,51 @@ async def test_cache_and_reasoning_tokens_of_streams_are_recorded_and_priced(
         record.reasoning_tokens,
     ) == tokens
     assert Decimal(str(record.cost)) == Decimal(cost)
+
+
+async def test_admin_api_errors_say_status_type_code_and_param(
+    make_gateway: MakeGateway, fakes: Fakes
+) -> None:
+    """Each way the admin API refuses a request, as the OpenAI envelope with its own code."""
+    gateway = await make_gateway(extra=priced(fakes))
+    assert (await post(gateway, "/admin/keys", ADMIN_KEY, {"id": "taken"}))[0] == 201
+    assert (await post(gateway, "/admin/keys/taken/revoke", ADMIN_KEY))[0] == 200
+    bad = "invalid_request_error"
+    cases: list[tuple[str, dict[str, Any] | None, int, str, str, str | None]] = [
+        ("/admin/keys", {"id": "taken"}, 400, bad, "key_exists", "id"),
+        ("/admin/keys", {"id": "test"}, 400, bad, "invalid_request", "id"),  # a config key
+        ("/admin/keys", {"id": "x", "models": "openai/*"}, 400, bad, "invalid_request", "models"),
+        ("/admin/keys", {"id": "x", "tier": 7}, 400, bad, "invalid_request", "tier"),
+        ("/admin/keys", {"id": "x", "tier": "gold"}, 400, bad, "invalid_request", "tier"),
+        ("/admin/keys", {"id": "x", "description": 1}, 400, bad, "invalid_request", "description"),
+        ("/admin/keys", {"id": "x", "description": "d" * 201}, 400, bad, "invalid_request",
+         "description"),
+        ("/admin/keys/nobody/revoke", None, 404, bad, "key_not_found", "key_id"),
+        ("/admin/keys/nobody/rotate", None, 404, bad, "key_not_found", "key_id"),
+        ("/admin/keys/taken/rotate", None, 404, bad, "key_not_found", "key_id"),  # revoked
+        ("/admin/keys/test/rotate", None, 400, bad, "invalid_request", "key_id"),  # config key
+        ("/admin/keys/taken/rotate", {"grace_seconds": "1h"}, 400, bad, "invalid_request",
+         "grace_seconds"),
+        ("/admin/keys/taken/rotate", {"grace_seconds": -1}, 400, bad, "invalid_request",
+         "grace_seconds"),
+    ]  # fmt: skip
+    for path, body, status, type_, code, param in cases:
+        got, answer = await post(gateway, path, ADMIN_KEY, body)
+        error = answer["error"]
+        assert (got, error["type"], error["code"], error["param"]) == (
+            status,
+            type_,
+            code,
+            param,
+        ), (
+            path,
+            body,
+            answer,
+        )
+    for key in (CLIENT_KEY, "wrong"):
+        got, answer = await get(gateway, "/admin/keys", key)
+        assert (got, answer["error"]["type"], answer["error"]["code"]) == (
+            401,
+            "invalid_request_error",
+            "invalid_api_key",
+        )
