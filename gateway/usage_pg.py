@@ -440,7 +440,11 @@ class PostgresUsageStore:
     ) -> UsageSummary:
         """Usage from `start` to `end`, both days included (UTC), of one key or all keys."""
         where, args = _filters(key_id, start, end, model)
-        async with self._pool.acquire() as conn:
+        # one snapshot for both queries (READ COMMITTED would give each its own)
+        async with (
+            self._pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
             by_model = await conn.fetch(
                 f"SELECT model, {_SUMS} FROM usage_daily WHERE {where}"
                 f" GROUP BY model ORDER BY model {_C}",
@@ -490,7 +494,10 @@ class PostgresUsageStore:
         Lists managed keys, keys that were ever used and `key_ids` (e.g. the config's keys).
         """
         today = date.fromisoformat(utc_day(self.clock()))
-        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+        async with (
+            self._pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
             created = await conn.fetch("SELECT id, created_at FROM keys")
             activity = await conn.fetch("SELECT key_id, first_used, last_used FROM key_activity")
             totals = await conn.fetch(
@@ -516,7 +523,10 @@ class PostgresUsageStore:
         raw rows (see ``UsageStore.totals_since``).
         """
         midnight = day_boundary(since)
-        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+        async with (
+            self._pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
             raw = await conn.fetch(
                 f"SELECT key_id, count(*), {_TOKENS}, sum(cost_nano)::bigint FROM usage"
                 " WHERE ts >= $1 AND ts < $2 GROUP BY key_id",
@@ -642,7 +652,10 @@ class PostgresUsageStore:
         """hash -> key for every hash accepted now: current hashes of live keys, and hashes
         retired by a rotation whose grace time has not passed."""
         now = self.clock()
-        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+        async with (
+            self._pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
             rows = await conn.fetch(
                 f"""SELECT {_KEY_COLUMNS} FROM keys WHERE revoked_at IS NULL
                     AND (expires_at IS NULL OR expires_at > $1)
