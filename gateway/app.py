@@ -84,7 +84,6 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     exchange.endpoint = ENDPOINTS.get(getattr(handler, "__name__", ""), "other")
     request[EXCHANGE] = exchange
     state.in_flight[id(exchange)] = exchange
-    state.metrics.in_flight_requests += 1
     try:
         try:
             response = await handler(request)
@@ -111,7 +110,6 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         rt.leave()
         del state.in_flight[id(exchange)]
-        state.metrics.in_flight_requests -= 1
         _account(request, exchange, state)
 
 

@@ -160,6 +160,7 @@ async def forward_stream(
     exchange.halted = halted
     opening = asyncio.ensure_future(open_upstream(request, rt, route, body, endpoint, exchange))
     response: web.StreamResponse | None = None
+    answer: Answer | None = None
     try:
         while not opening.done() and not halted.done():
             await asyncio.wait(
@@ -169,7 +170,6 @@ async def forward_stream(
                 if response is None:
                     response = await prepare_sse(request)
                 await response.write(KEEPALIVE)
-        answer: Answer | None = None
         error: GatewayError | None = None
         if not opening.done():  # the server is stopping
             error = halted.result()
@@ -188,6 +188,10 @@ async def forward_stream(
     finally:
         if not opening.done():
             opening.cancel()
+        elif answer is None and not opening.cancelled() and opening.exception() is None:
+            # opened, but this handler ended (client gone, write failed) before piping it:
+            # close it now, or the provider generates on until the stream timeout
+            opening.result().upstream.release()
     assert answer is not None
     p = answer.deployment.provider
     sse = endpoint == "chat"
@@ -263,10 +267,7 @@ async def open_upstream(
     for position, deployment in enumerate(deployments):
         breaker = state.breakers[deployment.id]
         if not breaker.allow():
-            failure = failure or ServiceUnavailable(
-                f"'{deployment.id}' is failing and paused (circuit open); try again shortly.",
-                code="circuit_open",
-            )
+            failure = failure or circuit_open(deployment)
             continue
         # a fallback says which model answered, in `model` as in X-Gateway-Model
         answering_as = route.requested if position == 0 else deployment.id
@@ -296,6 +297,13 @@ async def open_upstream(
     raise failure or ServiceUnavailable("No deployment could serve the request.")
 
 
+def circuit_open(deployment: Deployment) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"'{deployment.id}' is failing and paused (circuit open); try again shortly.",
+        code="circuit_open",
+    )
+
+
 async def send_next(
     request: web.Request, rt: Runtime, answer: Answer, call: UpstreamCall, exchange: Exchange
 ) -> bytes:
@@ -305,10 +313,7 @@ async def send_next(
     deployment = answer.deployment
     breaker = state.breakers[deployment.id]
     if not breaker.allow():
-        raise ServiceUnavailable(
-            f"'{deployment.id}' is failing and paused (circuit open); try again shortly.",
-            code="circuit_open",
-        )
+        raise circuit_open(deployment)
     assert exchange.deadline is not None  # set by open_upstream
     step = (answer.translator, call)
     sent = await send(

@@ -24,7 +24,6 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.http import SERVER_SOFTWARE, RawResponseMessage
 from aiohttp.streams import StreamReader
-from aiohttp.tcp_helpers import tcp_nodelay
 
 READ_BUFSIZE = 2**16  # what ClientSession reads into a body's buffer before pausing
 KEEPALIVE_SECONDS = 60.0  # an idle connection is closed after this long
@@ -171,7 +170,7 @@ class Pool:
                 addresses = await self._resolve(loop)
                 for i, address in enumerate(addresses):  # in order, as create_connection does
                     try:
-                        transport, proto = await loop.create_connection(
+                        _, proto = await loop.create_connection(
                             lambda: ResponseHandler(loop),
                             address,
                             self._port,
@@ -187,7 +186,6 @@ class Pool:
             raise ConnectTimeout(f"no connection to {self._host}:{self._port}") from None
         except OSError as e:  # refused, unresolvable, TLS handshake or certificate
             raise ConnectFailed(f"cannot connect to {self._host}:{self._port}: {e}") from e
-        tcp_nodelay(transport, True)
         # one parser for the connection's life: after a whole answer it is ready for the next
         # a body with neither length nor chunks runs to the close, as ClientSession reads it
         proto.set_response_params(read_until_eof=True, read_bufsize=READ_BUFSIZE)

@@ -123,7 +123,6 @@ class Metrics:
             "Requests a later deployment served after an earlier one failed, by model asked.",
             ("model",),
         )
-        self.in_flight_requests = 0
         self.in_flight_streams = 0
 
     def families(self) -> Iterable[Counter | Histogram]:

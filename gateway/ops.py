@@ -77,7 +77,7 @@ def render_metrics(state: GatewayState, access_log_dropped: int) -> str:
     )
     usage = state.usage
     singles = [
-        ("gateway_in_flight_requests", "Requests being answered now.", m.in_flight_requests),
+        ("gateway_in_flight_requests", "Requests being answered now.", len(state.in_flight)),
         ("gateway_in_flight_streams", "Streams being piped now.", m.in_flight_streams),
         ("gateway_usage_queue_depth", "Usage records waiting to be written.", usage.depth),
         ("gateway_usage_written_total", "Usage records written to the database.", usage.written),

@@ -178,6 +178,8 @@ class _HTTPResponse:
             self._pool.release(self._proto, self._payload)
 
     def abort(self) -> None:
+        if self._done:  # handed back already: it may be another call's connection now
+            return
         self._done = True
         self._timer.cancel()
         self._pool.abort(self._proto, self._payload)
