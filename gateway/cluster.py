@@ -526,6 +526,10 @@ class RedisLimiter:
 
     def _fault(self, error: BaseException) -> None:
         self.failures += 1
+        if isinstance(error, TimeoutError):
+            # a stalled or half-open socket may never be closed by the kernel (no reset
+            # after a failover or partition): drop it, so the next try connects afresh
+            self._redis.reset()
         self._down_until = time.monotonic() + RETRY_REDIS_AFTER
         if not self._failing:
             self._failing = True

@@ -60,11 +60,15 @@ class RedisConnection:
             reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
             self._writer = writer
             self._reader_task = asyncio.ensure_future(self._read(reader))
-            if self.password is not None:
-                auth = (self.username, self.password) if self.username else (self.password,)
-                await self.call("AUTH", *auth)
-            if self.db:
-                await self.call("SELECT", self.db)
+            try:
+                if self.password is not None:
+                    auth = (self.username, self.password) if self.username else (self.password,)
+                    await self.call("AUTH", *auth)
+                if self.db:
+                    await self.call("SELECT", self.db)
+            except BaseException:  # (a timeout too) never keep a half-set-up connection:
+                self.reset()  # unauthenticated, or on database 0 while the fleet uses another
+                raise
 
     async def call(self, *args: object) -> Reply:
         """Send one command and wait for its reply (an error reply raises RedisError)."""
@@ -86,12 +90,18 @@ class RedisConnection:
         if not writer.is_closing():
             writer.write(data)
 
-    async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+    def reset(self) -> None:
+        """Drop the connection; the next call connects again, calls waiting now fail."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
         if self._reader_task is not None:
             self._reader_task.cancel()
+            self._reader_task = None
         self._fail_all(RedisError("connection closed"))
+
+    async def close(self) -> None:
+        self.reset()
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         buffer = bytearray()
@@ -114,7 +124,7 @@ class RedisConnection:
                         future.set_exception(reply)
                     else:
                         future.set_result(reply)
-        except (OSError, RedisError, IndexError) as e:
+        except (OSError, RedisError, IndexError, ValueError) as e:  # ValueError: a garbled reply
             self._fail_all(e if isinstance(e, RedisError) else RedisError(str(e)))
             if self._writer is not None:
                 self._writer.close()

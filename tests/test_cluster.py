@@ -684,3 +684,26 @@ async def test_unsettled_usage_is_bounded_and_counted(
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)
         await cluster.close()
+
+
+async def test_a_handshake_cut_by_a_timeout_leaves_no_half_set_up_connection() -> None:
+    """A Redis that takes the connection but never answers AUTH: the caller's timeout must not
+    leave a connection that counts as up yet is unauthenticated (or on database 0)."""
+    heard: list[bytes] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.append(await reader.read(1024))
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    conn = RedisConnection(f"redis://:secret@127.0.0.1:{port}/3")
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await conn.call("PING")
+        assert not conn.connected
+        assert heard and b"AUTH" in heard[0] and b"SELECT" not in heard[0]
+    finally:
+        await conn.close()
+        server.close()
