@@ -165,7 +165,7 @@ for q = 1, nq do
   i = i + 6
 end
 if unseeded then return {2, day, month} end
-if refused then return {0, refused, math.floor(wait), which, own} end
+if refused then return {0, refused, math.floor(wait), which, own, day_end - now} end
 local out = {1, day, month, day_end - now}
 for b = 1, nb do
   redis.call('SET', bk[b], tostring(btat[b]), 'PX', math.ceil(btat[b] - now) + 1000)
@@ -552,8 +552,10 @@ class RedisLimiter:
         headers: dict[str, str] = {}
         if wait_ms >= 0:
             headers["Retry-After"] = str(max(1, math.ceil(wait_ms / 1000)))
-        else:
-            headers["x-should-retry"] = "false"  # no wait helps; the openai SDKs obey it
+        else:  # no wait helps; the openai SDKs obey x-should-retry. Retry-After still says
+            # when the key's day begins again, as every 429 carries one (as the local limiter)
+            headers["x-should-retry"] = "false"
+            headers["Retry-After"] = str(max(1, math.ceil(int(result[5]) / 1000)))
         if kind == "bucket":
             b = buckets[index - 1]
             return RateLimited(
