@@ -691,10 +691,12 @@ async def test_a_handshake_cut_by_a_timeout_leaves_no_half_set_up_connection() -
     """A Redis that takes the connection but never answers AUTH: the caller's timeout must not
     leave a connection that counts as up yet is unauthenticated (or on database 0)."""
     heard: list[bytes] = []
+    done = asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         heard.append(await reader.read(1024))
-        await asyncio.sleep(30)
+        await done.wait()
+        writer.close()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -707,4 +709,7 @@ async def test_a_handshake_cut_by_a_timeout_leaves_no_half_set_up_connection() -
         assert heard and b"AUTH" in heard[0] and b"SELECT" not in heard[0]
     finally:
         await conn.close()
+        done.set()
         server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0)  # the handler closes its side
