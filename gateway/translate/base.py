@@ -98,18 +98,13 @@ class StreamInterrupted(Exception):
 def translate_events(events: list[Event], convert: Callable[[Event], bytes]) -> bytes:
     """The translation of each event, joined; stops at the first failing event without losing
     what the events before it produced."""
-    if len(events) == 1:
-        try:
-            return convert(events[0])
-        except GatewayError as e:
-            raise StreamInterrupted(b"", e) from e
     out: list[bytes] = []
-    for event in events:
-        try:
+    try:
+        for event in events:
             out.append(convert(event))
-        except GatewayError as e:
-            raise StreamInterrupted(b"".join(out), e) from e
-    return b"".join(out)
+    except GatewayError as e:
+        raise StreamInterrupted(b"".join(out), e) from e
+    return out[0] if len(out) == 1 else b"".join(out)
 
 
 def json_or_none(raw: bytes) -> object:

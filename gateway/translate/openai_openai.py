@@ -90,14 +90,6 @@ class OpenAIChat(_PassThrough):
         return UpstreamCall(self.path, orjson.dumps(body), True)
 
     def response_chunk(self, chunk: bytes) -> bytes:
-        if (
-            chunk.startswith(b"data: ")
-            and chunk.find(b"\n") == len(chunk) - 2  # one line, ending in a blank one
-            and chunk.endswith(b"\n\n")
-            and b"\r" not in chunk
-            and not self._sse.pending
-        ):  # the common case, one whole event per read: no parser
-            return translate_events([Event("", chunk[6:-2])], self._event)
         return translate_events(self._sse.feed(chunk), self._event)
 
     def response_end(self) -> bytes:
@@ -110,27 +102,39 @@ class OpenAIChat(_PassThrough):
         return out
 
     def _event(self, event: Event) -> bytes:
-        data = event.data
+        # Every event of every stream passes here: kept to the few lookups it needs.
+        data = event[1]
         if data == b"[DONE]":
             self.complete = True
             return DONE
-        obj = load_object(data, self.provider)
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        if type(obj) is not dict:
+            obj = load_object(data, self.provider)  # raises the error
         if "error" in obj:  # an upstream error event: the stream is over
             raise openai_error(None, data, {}, self.provider)
-        for choice in obj.get("choices") or ():
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            if isinstance(delta, dict):
-                content = delta.get("content")
-                if isinstance(content, str):
+        choices = obj.get("choices")
+        if choices and type(choices) is list:
+            for choice in choices:
+                try:
+                    content = choice["delta"]["content"]
+                except (KeyError, TypeError):
+                    continue
+                if type(content) is str:
                     self.usage.streamed_chars += len(content)
-        usage = obj.get("usage")
-        if usage:
-            take_openai_usage(self.usage, usage)
-        if not self.client_wants_usage and "usage" in obj:
-            if usage and not obj.get("choices"):
-                return b""  # the usage chunk the gateway asked for
-            del obj["usage"]
-        elif obj.get("model") == self.requested and b"\n" not in data:
+        if "usage" in obj:
+            usage = obj["usage"]
+            if usage:
+                take_openai_usage(self.usage, usage)
+            if not self.client_wants_usage:
+                if usage and not choices:
+                    return b""  # the usage chunk the gateway asked for
+                del obj["usage"]
+                obj["model"] = self.requested
+                return encode(orjson.dumps(obj))
+        if obj.get("model") == self.requested and data.find(b"\n") < 0:
             return b"data: " + data + b"\n\n"  # nothing to patch: the event as it came
         obj["model"] = self.requested
         return encode(orjson.dumps(obj))

@@ -7,12 +7,17 @@ CRLF split across two network reads, and keeps partial events until they complet
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 
 class Event(NamedTuple):
     event: str  # "" when the event has no `event:` field
     data: bytes
+
+
+# Event(...) goes through a Python-level __new__; this is the same tuple, built in C
+_new_event = partial(tuple.__new__, Event)
 
 
 class SSEParser:
@@ -24,7 +29,9 @@ class SSEParser:
     def feed(self, chunk: bytes) -> list[Event]:
         """The events completed by this chunk, in order."""
         buf = self._buf + chunk if self._buf else chunk
-        if b"\r" in buf:
+        # (bytes.find, not `in`: `in` first tries its argument as an int and formats the
+        # TypeError it then discards, on every call)
+        if buf.find(b"\r") >= 0:
             # a trailing CR may be the first half of a CRLF: wait for the next read
             tail = b"\r" if buf.endswith(b"\r") else b""
             if tail:
@@ -34,8 +41,9 @@ class SSEParser:
         self._buf = blocks.pop()
         events: list[Event] = []
         for block in blocks:
-            event = _parse_block(block)
-            if event is not None:
+            if block[:6] == b"data: " and block.find(b"\n") < 0:  # the common case, inline
+                events.append(_new_event(("", block[6:])))
+            elif (event := _parse_block(block)) is not None:
                 events.append(event)
         return events
 
