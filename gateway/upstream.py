@@ -72,13 +72,12 @@ class HTTPUpstream:
             **provider.headers,
         }
         timeout = provider.request_timeout or server.request_timeout
-        # Whole non-stream responses must arrive within the timeout; streams may run longer
-        # but never stay silent for longer than it (the read timeout also bounds the wait for
-        # the head). Streams are timed by the gateway (the request deadline and first-token
-        # timeout in the handler, idle and total by the stream watch); their bounds here are
-        # outer ones only.
+        # The handler bounds a whole call (head and non-stream body) by the request's
+        # deadline, and the stream watch times an SSE stream (idle, total); the bounds here
+        # are outer ones: every read, and a stream's whole length (a binary audio stream
+        # has no watch).
         idle = provider.idle_timeout or server.idle_timeout
-        self._read_whole, self._total_whole = timeout, timeout
+        self._read_whole = timeout
         self._read_stream = max(timeout, idle) + 1
         self._total_stream = server.stream_timeout + 1
         self._connect_timeout = server.connect_timeout
@@ -103,7 +102,7 @@ class HTTPUpstream:
         except (TimeoutError, OSError, ClientError, HttpProcessingError, ConnectFailed) as e:
             raise self._error(e) from e
         return _HTTPResponse(
-            self, pool, proto, message, payload, self._total_stream if stream else self._total_whole
+            self, pool, proto, message, payload, self._total_stream if stream else None
         )
 
     def _error(self, e: BaseException) -> GatewayError:
@@ -136,7 +135,7 @@ class _HTTPResponse:
         proto: ResponseHandler,
         message: RawResponseMessage,
         payload: StreamReader,
-        total: float,
+        total: float | None,
     ) -> None:
         self._upstream = upstream
         self._pool = pool
@@ -145,7 +144,9 @@ class _HTTPResponse:
         self._done = False
         self.status = message.code
         self.headers: Mapping[str, str] = message.headers
-        self._timer = asyncio.get_running_loop().call_later(total, self._expire)
+        self._timer = (
+            None if total is None else asyncio.get_running_loop().call_later(total, self._expire)
+        )
 
     async def read(self) -> bytes:
         try:
@@ -174,14 +175,16 @@ class _HTTPResponse:
         # stops an upstream generation the client abandoned.
         if not self._done:
             self._done = True
-            self._timer.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
             self._pool.release(self._proto, self._payload)
 
     def abort(self) -> None:
         if self._done:  # handed back already: it may be another call's connection now
             return
         self._done = True
-        self._timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         self._pool.abort(self._proto, self._payload)
 
     def _expire(self) -> None:
