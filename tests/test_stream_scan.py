@@ -1,0 +1,165 @@
+"""OpenAI chunk events are changed by scanning their bytes when a read holds several
+(`OpenAIChat._scanned`), else parsed one by one (`OpenAIChat._event`). Whatever a read holds
+and however the stream is cut into reads, the client must get the same events, and the
+gateway must count the same usage and content, as with the parse of every event.
+"""
+
+from __future__ import annotations
+
+import random
+from itertools import pairwise
+from pathlib import Path
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.config import loads
+from gateway.router import Router
+from gateway.translate.base import StreamInterrupted, translate_events
+from gateway.translate.openai_openai import OpenAIChat, content_chars
+from gateway.translate.sse import SSEParser
+
+FIXTURES = Path(__file__).parent / "fixtures" / "openai"
+RECORDINGS = sorted(FIXTURES.glob("chat-stream-*.sse"))
+
+CONFIG = """
+[[providers]]
+name = "openai"
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+models = [{ id = "gpt-4o" }, { id = "gpt-4o-mini", upstream = "gpt-4o-mini-2024-07-18" }]
+"""
+DEPLOYMENTS = Router(loads(CONFIG)).models
+
+
+def translator(requested: str, wants_usage: bool, model: str = "openai/gpt-4o") -> OpenAIChat:
+    t = OpenAIChat(DEPLOYMENTS[model], requested)
+    options = {"include_usage": True} if wants_usage else {}
+    t.request({"model": requested, "stream": True, "messages": [], "stream_options": options})
+    return t
+
+
+def by_parse(raw: bytes, t: OpenAIChat) -> bytes:
+    """The reference: every event parsed by `_event`, never scanned."""
+    parser = SSEParser()
+    return translate_events(parser.feed(raw), t._event) + translate_events(parser.close(), t._event)
+
+
+def by_reads(raw: bytes, t: OpenAIChat, cuts: list[int]) -> bytes:
+    out = b""
+    bounds = [0, *sorted(cuts), len(raw)]
+    for a, b in pairwise(bounds):
+        if b > a:
+            out += t.response_chunk(raw[a:b])
+    return out + t.response_end()
+
+
+def events(out: bytes) -> list[object]:
+    """The client's events, as JSON values (`[DONE]` as the string)."""
+    blocks = [b for b in out.split(b"\n\n") if b]
+    assert all(b.startswith(b"data: ") and b"\n" not in b for b in blocks), out
+    return [b"[DONE]" if b == b"data: [DONE]" else orjson.loads(b[6:]) for b in blocks]
+
+
+def assert_same(raw: bytes, requested: str, wants_usage: bool, cuts: list[int]) -> bool:
+    """The reads translate as the parse does; True when some read was scanned."""
+    reference, scanned = translator(requested, wants_usage), translator(requested, wants_usage)
+    expected = by_parse(raw, reference) + reference.response_end()
+    calls = []
+    real = scanned._scanned
+
+    def spy(data: bytes) -> bytes | None:
+        result = real(data)
+        calls.append(result is not None)
+        return result
+
+    scanned._scanned = spy  # type: ignore[method-assign]
+    got = by_reads(raw, scanned, cuts)
+    assert events(got) == events(expected)
+    assert scanned.usage == reference.usage
+    assert scanned.complete and reference.complete
+    return any(calls)
+
+
+@pytest.mark.parametrize("recording", RECORDINGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("requested", ["openai/gpt-4o", "gpt-4o-2024-08-06", "my-alias"])
+@pytest.mark.parametrize("wants_usage", [False, True])
+def test_every_recording_whole_and_in_reads(
+    recording: Path, requested: str, wants_usage: bool
+) -> None:
+    raw = recording.read_bytes()
+    assert_same(raw, requested, wants_usage, [])  # the whole stream in one read
+    ends = [i + 2 for i in range(len(raw)) if raw.startswith(b"\n\n", i)]
+    assert_same(raw, requested, wants_usage, ends)  # an event a read
+    assert_same(raw, requested, wants_usage, ends[::4])  # four events a read
+    rng = random.Random(recording.name)
+    for _ in range(5):  # anywhere, also inside events and between the two line breaks
+        assert_same(raw, requested, wants_usage, rng.sample(range(len(raw)), 6))
+
+
+def test_plain_reads_are_scanned_and_the_rest_parsed() -> None:
+    # text, with include_usage's "usage":null in each chunk and the usage chunk at the end
+    raw = (FIXTURES / "chat-stream-include-usage-text-after-tool.sse").read_bytes()
+    assert assert_same(raw, "openai/gpt-4o-mini", False, []) is True
+    assert assert_same(raw, "openai/gpt-4o-mini", True, []) is True
+    # logprobs hold "content" lists: never scanned, parsed
+    raw = (FIXTURES / "chat-stream-logprobs.sse").read_bytes()
+    assert assert_same(raw, "openai/gpt-4o", False, []) is False
+
+
+def test_the_gateways_usage_chunk_is_dropped_and_usage_counted() -> None:
+    raw = (FIXTURES / "chat-stream-include-usage-text-after-tool.sse").read_bytes()
+    t = translator("openai/gpt-4o-mini", False, "openai/gpt-4o-mini")
+    out = by_reads(raw, t, [])
+    assert b'"usage"' not in out
+    assert b'"model":"openai/gpt-4o-mini"' in out and b"2024-07-18" not in out
+    assert (t.usage.prompt_tokens, t.usage.completion_tokens) == (78, 9)
+    assert out.endswith(b"data: [DONE]\n\n")
+
+
+CHUNK = orjson.loads(
+    (FIXTURES / "chat-stream-text.sse").read_bytes().split(b"\n\n")[1].removeprefix(b"data: ")
+)
+
+
+def chunk_with(content: str | None, **extra: object) -> bytes:
+    obj = {**CHUNK, **extra}
+    obj["choices"] = [{**CHUNK["choices"][0], "delta": {"content": content}}]
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.text(max_size=40) | st.none(), min_size=3, max_size=12),
+    st.booleans(),
+    st.integers(min_value=0, max_value=2**32),
+)
+def test_any_content_counts_and_passes_as_the_parse_has_it(
+    texts: list[str | None], wants_usage: bool, seed: int
+) -> None:
+    raw = b"".join(chunk_with(t, usage=None) for t in texts) + b"data: [DONE]\n\n"
+    rng = random.Random(seed)
+    assert_same(raw, "openai/gpt-4o", wants_usage, [])
+    assert_same(raw, "openai/gpt-4o", wants_usage, rng.sample(range(len(raw)), 3))
+    streamed = raw.split(b"\n\n", 1)[1]  # the first event teaches the model's spelling
+    assert content_chars(streamed) == sum(len(t or "") for t in texts[1:])
+
+
+def test_an_error_event_among_plain_ones_is_parsed_and_keeps_what_came_before() -> None:
+    error = b'data: {"error":{"message":"overloaded","type":"server_error","code":null}}\n\n'
+    raw = b"".join(chunk_with(f"word {i}") for i in range(6)) + error
+    t = translator("openai/gpt-4o", False)
+    with pytest.raises(StreamInterrupted) as caught:
+        t.response_chunk(raw)
+    assert len(events(caught.value.partial)) == 6
+    assert (caught.value.error.status, caught.value.error.message) == (502, "overloaded")
+
+
+def test_content_chars_refuses_what_it_cannot_read() -> None:
+    assert content_chars(b'{"delta":{"content":"h\\u00e9\\n\\"x\\""}}') == 6
+    assert content_chars('{"delta":{"content":"日本語"}}'.encode()) == 3
+    assert content_chars(b'{"delta":{"content":null}}') == 0
+    assert content_chars(b'{"logprobs":{"content":[]}}') == -1
+    assert content_chars(b'{"delta":{"content": "spaced"}}') == -1
