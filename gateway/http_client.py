@@ -32,6 +32,20 @@ MAX_IDLE = 256  # idle connections kept per provider; more are closed when relea
 _PATH_SAFE = "/:?=&%@+,;!$'()*~-._"  # already-encoded paths and queries pass unchanged
 
 
+class _Connection(ResponseHandler):
+    """aiohttp's response protocol, minus a no-op per body chunk.
+
+    The body's reader asks the protocol to resume reading after every chunk it hands out,
+    paused or not, and the protocol then feeds its parser an empty read and resumes the
+    transport: for an SSE stream, one such round per event. Only a paused protocol has
+    anything to resume (unparsed data, a stopped transport, the read timer).
+    """
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
+
 class ConnectFailed(Exception):
     """The provider's host could not be reached (refused, unresolvable, TLS failure)."""
 
@@ -171,7 +185,7 @@ class Pool:
                 for i, address in enumerate(addresses):  # in order, as create_connection does
                     try:
                         _, proto = await loop.create_connection(
-                            lambda: ResponseHandler(loop),
+                            lambda: _Connection(loop),
                             address,
                             self._port,
                             ssl=ssl_context,

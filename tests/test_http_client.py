@@ -134,6 +134,31 @@ async def test_a_chunked_body_is_read_as_it_arrives_and_an_unread_one_drops_the_
     assert fake.ports[0] != fake.ports[1]
 
 
+async def test_a_body_read_slowly_pauses_the_connection_and_resumes_it_whole(
+    echo: tuple[Echo, TestServer],
+) -> None:
+    # 1 MB echoed (the test server's largest body): far above the reader's high-water mark,
+    # so the connection pauses while the reader dawdles, and must resume (the pool only
+    # resumes a paused one)
+    _, server = echo
+    pool = Pool(base_url(server), {}, connect_timeout=2)
+    body = bytes(range(256)) * 4000
+    proto, message, payload = await pool.post("/echo", body, 5)
+    assert message.code == 200
+    got, paused = [], False
+    while chunk := await asyncio.wait_for(payload.readany(), 5):
+        got.append(chunk)
+        await asyncio.sleep(0.005)
+        paused = paused or proto._reading_paused
+    assert paused
+    assert b"".join(got) == body
+    pool.release(proto, payload)
+    proto, _, payload = await pool.post("/echo", b"{}", 5)  # and the connection is kept
+    assert await payload.read() == b"{}"
+    pool.release(proto, payload)
+    await pool.close()
+
+
 async def test_abort_ends_a_pending_read(echo: tuple[Echo, TestServer]) -> None:
     _, server = echo
     pool = Pool(base_url(server), {}, connect_timeout=2)
