@@ -96,8 +96,13 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             error = _from_http_exception(e, rt.config)
             exchange.fail(error)
             response = error_response(error)
-        except Exception:
+        except Exception as e:
+            transport = request.transport
+            if isinstance(e, ConnectionError) and (transport is None or transport.is_closing()):
+                exchange.client_closed = True  # the client left while the gateway wrote to it
+                raise
             if request.writer.output_size > 0:
+                exchange.error_code = "internal_error"
                 raise  # the answer has begun: aiohttp logs it and drops the connection
             error = _unexpected(request, exchange.request_id)
             exchange.fail(error)

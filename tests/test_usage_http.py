@@ -527,6 +527,43 @@ async def test_a_stream_the_client_cuts_is_billed_for_what_was_streamed(
     assert record.cost > 0
 
 
+async def test_a_client_gone_while_the_gateway_writes_is_recorded_as_499(
+    make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # e.g. a keep-alive comment written to a client that left while the upstream thought:
+    # the write fails with ConnectionResetError on a closing transport
+    from gateway import handlers
+
+    admit = handlers.admit
+
+    async def admitted_then_gone(request: web.Request) -> web.StreamResponse:
+        _, principal = handlers.authenticate(request)
+        await admit(request, principal, None, {}, "models")
+        assert request.transport is not None
+        request.transport.close()
+        raise ConnectionResetError("Cannot write to closing transport")
+
+    admitted_then_gone.__name__ = "list_models"
+    monkeypatch.setattr(handlers, "list_models", admitted_then_gone)
+    gateway = await make_gateway()
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientError):
+            resp = await session.get(
+                gateway.base_url + "/models", headers={"Authorization": f"Bearer {CLIENT_KEY}"}
+            )
+            await resp.read()
+    for _ in range(100):
+        records = await gateway.records()
+        if records:
+            break
+        await asyncio.sleep(0.05)
+    # (aiohttp's client may try the GET once more on a new connection)
+    assert records
+    assert {(r.endpoint, r.status, r.outcome) for r in records} == {
+        ("models", 499, "client_closed")
+    }
+
+
 def cache_priced(fakes: Fakes) -> str:
     """One model per provider kind at the same prices, cache reads and writes priced apart."""
     prices = "price_in = 3.0, price_out = 15.0, price_cache_read = 0.3, price_cache_write = 3.75"
