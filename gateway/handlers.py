@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import date
 from functools import partial
@@ -38,7 +37,7 @@ from .limits import EndpointClass
 from .metrics import Metrics
 from .resilience import Breaker, Deadline, OutOfTime, parse_retry_after, weighted_order
 from .runtime import STATE, Runtime
-from .streaming import Answer, StreamTimeouts, StreamWatch, pipe, prepare_sse
+from .streaming import Answer, KeepAlive, StreamTimeouts, StreamWatch, pipe, prepare_sse
 from .translate.base import (
     Endpoint,
     StreamInterrupted,
@@ -47,7 +46,7 @@ from .translate.base import (
     Usage,
     translator_for,
 )
-from .translate.sse import KEEPALIVE, encode
+from .translate.sse import encode
 from .usage import cost_of, default_period
 
 if TYPE_CHECKING:
@@ -154,44 +153,56 @@ async def forward_stream(
 ) -> web.StreamResponse:
     """Like `forward`, for answers that are piped. If the upstream takes long to answer at
     all, the client's stream starts early with keep-alive comments, so that proxies do not
-    cut the connection; from then on, errors reach the client as an error event."""
+    cut the connection; from then on, errors reach the client as an error event.
+
+    The upstream is opened in this task; what must interrupt the wait (the server stopping,
+    a keep-alive that found the client gone) cancels it, and the cancellation becomes that
+    cause here. A cancellation from elsewhere (aiohttp's, when the client leaves) goes on.
+    """
     s = rt.config.server
+    task = asyncio.current_task()
+    assert task is not None
+    waiting = True
+
+    def interrupt(_: object = None) -> None:
+        if waiting:  # not once the answer is in hand: then it is piped, and halted there
+            task.cancel()
+
     halted: asyncio.Future[GatewayError] = asyncio.get_running_loop().create_future()
+    halted.add_done_callback(interrupt)
     exchange.halted = halted
-    opening = asyncio.ensure_future(open_upstream(request, rt, route, body, endpoint, exchange))
-    response: web.StreamResponse | None = None
+    keepalive = KeepAlive(request, s.keepalive_interval, interrupt) if endpoint == "chat" else None
     answer: Answer | None = None
+    error: GatewayError | None = None
     try:
-        while not opening.done() and not halted.done():
-            await asyncio.wait(
-                (opening, halted), timeout=s.keepalive_interval, return_when=FIRST_COMPLETED
-            )
-            if not opening.done() and not halted.done() and endpoint == "chat":
-                if response is None:
-                    response = await prepare_sse(request)
-                await response.write(KEEPALIVE)
-        error: GatewayError | None = None
-        if not opening.done():  # the server is stopping
-            error = halted.result()
-        else:
-            try:
-                answer = opening.result()
-            except GatewayError as e:
-                error = e
-        if error is not None:
-            if response is None:
-                raise error
-            exchange.fail(error)
-            await response.write(encode(error.body()))
-            await response.write_eof()
-            return response
+        answer = await open_upstream(request, rt, route, body, endpoint, exchange)
+    except GatewayError as e:
+        error = e
+    except asyncio.CancelledError:
+        gone = keepalive.failure if keepalive is not None else None
+        if not (halted.done() or gone) or task.cancelling() > 1:
+            if keepalive is not None:
+                keepalive.cancel()
+            raise
+        task.uncancel()
+        if gone is not None:
+            raise gone from None
+        error = halted.result()
     finally:
-        if not opening.done():
-            opening.cancel()
-        elif answer is None and not opening.cancelled() and opening.exception() is None:
-            # opened, but this handler ended (client gone, write failed) before piping it:
-            # close it now, or the provider generates on until the stream timeout
-            opening.result().upstream.release()
+        waiting = False
+    try:
+        response = await keepalive.stop() if keepalive is not None else None
+    except BaseException:
+        if answer is not None:  # the client left: close it, or the provider generates on
+            answer.upstream.release()
+        raise
+    if error is not None:
+        if response is None:
+            raise error
+        exchange.fail(error)
+        await response.write(encode(error.body()))
+        await response.write_eof()
+        return response
     assert answer is not None
     p = answer.deployment.provider
     sse = endpoint == "chat"

@@ -118,6 +118,69 @@ class StreamWatch:
         self._upstream.abort()
 
 
+class KeepAlive:
+    """While a stream waits for its upstream's first output: an SSE comment every `interval`
+    seconds, so that proxies do not cut the connection; the first one commits the response
+    (200 and its headers). A write that fails (the client left) is kept in ``failure`` and
+    reported through `interrupt`, then raised by ``stop``.
+
+    One timer on the loop; a task only for a write that is due, so that a stream whose
+    upstream answers in time costs no more than the timer.
+    """
+
+    __slots__ = (
+        "_interrupt",
+        "_interval",
+        "_loop",
+        "_request",
+        "_timer",
+        "_writing",
+        "failure",
+        "response",
+    )
+
+    def __init__(
+        self, request: web.Request, interval: float, interrupt: Callable[[], None]
+    ) -> None:
+        self._request = request
+        self._interval = interval
+        self._interrupt = interrupt
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(interval, self._due)
+        self._writing: asyncio.Task[None] | None = None
+        self.response: web.StreamResponse | None = None
+        self.failure: BaseException | None = None
+
+    def _due(self) -> None:
+        self._writing = asyncio.ensure_future(self._write())
+
+    async def _write(self) -> None:
+        try:
+            if self.response is None:
+                self.response = await prepare_sse(self._request)
+            await self.response.write(KEEPALIVE)
+        except Exception as e:
+            self.failure = e
+            self._interrupt()
+            return
+        self._timer = self._loop.call_later(self._interval, self._due)
+
+    async def stop(self) -> web.StreamResponse | None:
+        """No more comments: the response they began (None if none began), once a write
+        under way has ended; raises that write's failure."""
+        self._timer.cancel()
+        if self._writing is not None and not self._writing.done():
+            await self._writing
+        if self.failure is not None:
+            raise self.failure
+        return self.response
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        if self._writing is not None:
+            self._writing.cancel()
+
+
 async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
     # the client may have left or the stream ended meanwhile; pipe() notices on its own
     with contextlib.suppress(ConnectionError, RuntimeError):

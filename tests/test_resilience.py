@@ -380,6 +380,48 @@ async def test_keep_alive_before_the_upstream_even_answers(make_gateway: MakeGat
     assert text.startswith("I'm unable")
 
 
+async def test_a_client_gone_during_keep_alives_ends_the_upstream_call_at_once(
+    make_gateway: MakeGateway,
+) -> None:
+    # the upstream thinks for 30 s; the client reads one keep-alive and leaves: a next
+    # keep-alive fails, and the wait for the upstream must end then, not at its first token
+    gateway = await make_gateway(server="retries = 0\nkeepalive_interval = 0.1")
+    upstream_asked, upstream_closed = asyncio.Event(), asyncio.Event()
+
+    async def thinking(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
+        upstream_asked.set()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for _ in range(600):  # comments, no output: the gateway still waits
+                await response.write(b": thinking\n\n")
+                await asyncio.sleep(0.05)
+        except (ConnectionError, asyncio.CancelledError):
+            upstream_closed.set()
+            raise
+        return response
+
+    gateway.fake.next_behaviour(thinking)
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(
+            gateway.base_url + "/chat/completions",
+            json={"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        )
+        assert resp.status == 200
+        assert await resp.content.readline() == b": keep-alive\n"
+        await asyncio.wait_for(upstream_asked.wait(), timeout=3)
+        resp.close()  # the client goes away
+    await asyncio.wait_for(upstream_closed.wait(), timeout=3)
+    for _ in range(50):
+        records = await gateway.records()
+        if records:
+            break
+        await asyncio.sleep(0.05)
+    [record] = records
+    assert (record.status, record.outcome, record.stream) == (499, "client_closed", True)
+
+
 async def test_error_after_keep_alives_is_an_error_event(make_gateway: MakeGateway) -> None:
     gateway = await make_gateway(server="retries = 0\nkeepalive_interval = 0.1")
 
