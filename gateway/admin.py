@@ -57,7 +57,7 @@ def admin_state(request: web.Request) -> GatewayState:
 async def usage(request: web.Request) -> web.Response:
     state = admin_state(request)
     start, end = parse_period(request.query)
-    result = await state.usage.admin_usage(
+    result = await state.usage.backend.admin_usage(
         start,
         end,
         key_id=request.query.get("key") or None,
@@ -146,11 +146,11 @@ class IssuedKey:
 
 async def client_keys(state: GatewayState) -> list[KeyInfo]:
     """Every key, from the config and the database, with its tier, status and usage."""
-    config = state.config
-    managed = {k.id: k for k in await state.usage.list_keys()}
-    revoked = await state.usage.revoked_ids()
+    config, backend = state.config, state.usage.backend
+    managed = {k.id: k for k in await backend.list_keys()}
+    revoked = await backend.revoked_ids()
     principals = {p.key_id: p for p in state.runtime.keys.principals()}
-    stats = {s["key_id"]: s for s in await state.usage.key_stats([k.id for k in config.keys])}
+    stats = {s["key_id"]: s for s in await backend.key_stats([k.id for k in config.keys])}
     configured = {k.id: k for k in config.keys}
     keys: list[KeyInfo] = []
     for key_id in sorted(configured.keys() | managed.keys()):
@@ -197,7 +197,7 @@ async def add_client_key(
         raise InvalidRequest(str(e), param=e.param) from None
     key = new_key()
     try:
-        record = await state.usage.add_key(
+        record = await state.usage.backend.add_key(
             key_id, hash_key(key), description=description, models=models, tier=tier
         )
     except KeyConflict as e:
@@ -210,10 +210,11 @@ async def add_client_key(
 
 async def revoke_client_key(state: GatewayState, key_id: str, reason: str) -> float:
     """Revoke a key (managed or from the config) for good, at once. Returns when."""
-    known = {k.id for k in state.config.keys} | {k.id for k in await state.usage.list_keys()}
+    backend = state.usage.backend
+    known = {k.id for k in state.config.keys} | {k.id for k in await backend.list_keys()}
     if key_id not in known:
         raise NotFound(f"No key '{key_id}'.", param="key_id", code="key_not_found")
-    revoked_at = await state.usage.revoke_key(key_id, reason)
+    revoked_at = await backend.revoke_key(key_id, reason)
     await state.load_keys()
     return revoked_at
 
@@ -231,7 +232,7 @@ async def rotate_client_key(state: GatewayState, key_id: str, grace: float) -> I
         )
     key = new_key()
     try:
-        record = await state.usage.rotate_key(key_id, hash_key(key), grace)
+        record = await state.usage.backend.rotate_key(key_id, hash_key(key), grace)
     except UnknownKey:
         raise NotFound(
             f"No managed key '{key_id}'.", param="key_id", code="key_not_found"

@@ -440,7 +440,7 @@ class RedisLimiter:
             return {}
         try:
             await self.usage.flush()  # this process's finished requests count too
-            return await self.usage.restore_counters(day_start, since)
+            return await self.usage.backend.restore_counters(day_start, since)
         except Exception:
             log.exception("redis: cannot read the usage store to seed counters; seeding 0")
             return {}

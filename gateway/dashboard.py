@@ -266,7 +266,7 @@ def _period(days: int) -> list[str]:
 
 async def _rows(state: GatewayState, days: list[str], **kw: str) -> list[DailyKeyModelUsage]:
     start, end = date.fromisoformat(days[0]), date.fromisoformat(days[-1])
-    return await state.usage.daily_usage(start, end, **kw)
+    return await state.usage.backend.daily_usage(start, end, **kw)
 
 
 def _totals(

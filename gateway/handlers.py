@@ -112,7 +112,9 @@ async def usage(request: web.Request) -> web.Response:
     _, principal = authenticate(request)
     await admit(request, principal, None, {}, "usage")
     start, end = parse_period(request.query)
-    return json_response(await request.app[STATE].usage.summary(principal.key_id, start, end))
+    return json_response(
+        await request.app[STATE].usage.backend.summary(principal.key_id, start, end)
+    )
 
 
 async def forward(

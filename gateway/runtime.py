@@ -166,13 +166,13 @@ class GatewayState:
 
     async def load_keys(self) -> None:
         """Read managed keys, revocations and earned tiers, and rebuild the key store."""
-        usage = self.usage
-        self._keys_generation = await usage.keys_generation()
-        self._next_key_change = await usage.next_key_change()
+        backend = self.usage.backend
+        self._keys_generation = await backend.keys_generation()
+        self._next_key_change = await backend.next_key_change()
         self.records = KeyRecords(
-            managed=await usage.valid_keys(),
-            revoked=await usage.revoked_ids(),
-            tiers=await usage.tier_states(),
+            managed=await backend.valid_keys(),
+            revoked=await backend.revoked_ids(),
+            tiers=await backend.tier_states(),
         )
         self.runtime.keys = KeyStore(self.config, self.records)
         for key_id in self.records.revoked:
@@ -183,7 +183,8 @@ class GatewayState:
         day = self.limiter.period_start("day") or 0.0
         since = {p: self.limiter.period_start(p) or 0.0 for p in ("day", "month", "total")}
         counters = {
-            period: await self.usage.restore_counters(day, start) for period, start in since.items()
+            period: await self.usage.backend.restore_counters(day, start)
+            for period, start in since.items()
         }
         for p in self.runtime.keys.principals():
             c = counters[p.limits.budget_period].get(p.key_id)
@@ -208,7 +209,7 @@ class GatewayState:
             try:
                 change = self._next_key_change
                 due = change is not None and change <= self.usage.clock()
-                if due or await self.usage.keys_generation() != self._keys_generation:
+                if due or await self.usage.backend.keys_generation() != self._keys_generation:
                     await self.load_keys()
             except Exception:
                 log.exception("could not read keys from the usage database")
@@ -237,13 +238,13 @@ class GatewayState:
             tiers[key_id] = new
             reason = "automatic upgrade: used without hitting a limit"
             state = TierState(key_id, new, 0, _today(), time.time())
-            await self.usage.add_tier_change(key_id, old, new, reason, state=state)
+            await self.usage.backend.add_tier_change(key_id, old, new, reason, state=state)
             log.info("key %s moved from tier %s to %s", key_id, old, new)
         for key_id, streak in self.limiter.streaks().items():
             state = TierState(
                 key_id, tiers.get(key_id), streak.days, streak.through.isoformat(), time.time()
             )
-            await self.usage.set_tier_state(state)
+            await self.usage.backend.set_tier_state(state)
         if upgrades:
             await self.load_keys()
 

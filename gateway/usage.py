@@ -20,8 +20,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from datetime import date
+from collections.abc import Callable
 from typing import Concatenate, ParamSpec, TypeVar
 
 from .config import ModelConfig, StorageConfig
@@ -98,7 +97,9 @@ def cost_of(model: ModelConfig, usage: Usage) -> float:
 class UsageRecorder:
     """The write-behind queue in front of a usage database; see the module docstring.
 
-    ``record()`` must be called from the event loop's thread. ``dropped`` counts every record
+    Only records are queued: reads and key changes go straight to ``backend``, so a read does
+    not see records still waiting here (``flush()`` first where that matters). ``record()``
+    must be called from the event loop's thread. ``dropped`` counts every record
     that will never be written (queue full, invalid, recorded after close, or still unwritten
     when close gave up); ``rejected`` the invalid ones among them; ``written`` the committed.
     """
@@ -221,8 +222,6 @@ class UsageRecorder:
                 break
         return deleted
 
-    # --- queries --------------------------------------------------------------------------
-
     async def call(
         self, fn: Callable[Concatenate[UsageStore, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
@@ -230,93 +229,8 @@ class UsageRecorder:
         ``call(UsageStore.revoke_key, id)``; for SQLite only (tests, benchmarks)."""
         backend = self.backend
         if not isinstance(backend, SqliteBackend):
-            raise RuntimeError("call() needs the SQLite store; use the recorder's methods")
+            raise RuntimeError("call() needs the SQLite store; use the backend's methods")
         return await backend.call(fn, *args, **kwargs)
-
-    async def summary(
-        self, key_id: str | None, start: date, end: date, model: str | None = None
-    ) -> UsageSummary:
-        return await self.backend.summary(key_id, start, end, model)
-
-    async def admin_usage(
-        self, start: date, end: date, key_id: str | None = None, model: str | None = None
-    ) -> AdminUsage:
-        return await self.backend.admin_usage(start, end, key_id, model)
-
-    async def daily_usage(
-        self, start: date, end: date, key_id: str | None = None, model: str | None = None
-    ) -> list[DailyKeyModelUsage]:
-        return await self.backend.daily_usage(start, end, key_id, model)
-
-    async def key_stats(self, key_ids: Iterable[str] = ()) -> list[KeyStats]:
-        return await self.backend.key_stats(tuple(key_ids))
-
-    async def totals_since(self, since: float) -> dict[str, KeyTotals]:
-        return await self.backend.totals_since(since)
-
-    async def restore_counters(
-        self, today_start: float, cost_since: float
-    ) -> dict[str, RestoredCounters]:
-        return await self.backend.restore_counters(today_start, cost_since)
-
-    async def valid_keys(self) -> dict[str, ManagedKey]:
-        return await self.backend.valid_keys()
-
-    async def revoked_ids(self) -> frozenset[str]:
-        return await self.backend.revoked_ids()
-
-    async def records(
-        self, key_id: str | None = None, start: float = 0.0, end: float | None = None
-    ) -> list[UsageRecord]:
-        return await self.backend.records(key_id, start, end)
-
-    async def list_keys(self, include_revoked: bool = True) -> list[ManagedKey]:
-        return await self.backend.list_keys(include_revoked)
-
-    async def add_key(
-        self,
-        key_id: str,
-        key_hash: str,
-        *,
-        description: str = "",
-        models: Sequence[str] = ("*",),
-        tier: str | None = None,
-    ) -> ManagedKey:
-        return await self.backend.add_key(
-            key_id, key_hash, description=description, models=models, tier=tier
-        )
-
-    async def revoke_key(self, key_id: str, reason: str = "") -> float:
-        return await self.backend.revoke_key(key_id, reason)
-
-    async def rotate_key(self, key_id: str, new_hash: str, grace: float) -> ManagedKey:
-        return await self.backend.rotate_key(key_id, new_hash, grace)
-
-    async def keys_generation(self) -> int:
-        return await self.backend.keys_generation()
-
-    async def next_key_change(self) -> float | None:
-        return await self.backend.next_key_change()
-
-    async def tier_states(self) -> dict[str, TierState]:
-        return await self.backend.tier_states()
-
-    async def set_tier_state(self, state: TierState) -> None:
-        await self.backend.set_tier_state(state)
-
-    async def add_tier_change(
-        self,
-        key_id: str,
-        from_tier: str | None,
-        to_tier: str | None,
-        reason: str,
-        *,
-        state: TierState | None = None,
-    ) -> TierChange:
-        return await self.backend.add_tier_change(key_id, from_tier, to_tier, reason, state=state)
-
-    async def tier_changes(self, key_id: str | None = None, since: float = 0.0) -> list[TierChange]:
-        return await self.backend.tier_changes(key_id, since)
 
     # --- the writer -----------------------------------------------------------------------
 

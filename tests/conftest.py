@@ -151,7 +151,7 @@ class Gateway:
     async def records(self) -> list[UsageRecord]:
         """Every usage record so far (after flushing the write-behind queue)."""
         assert await self.state.usage.flush()
-        return await self.state.usage.records()
+        return await self.state.usage.backend.records()
 
     async def close_clients(self) -> None:
         for client in self.clients:

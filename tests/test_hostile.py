@@ -542,8 +542,8 @@ async def test_an_unexpected_error_is_a_json_500_and_a_logged_traceback(
     def broken_states() -> None:
         raise KeyError(secret)
 
-    monkeypatch.setattr(gateway.state.usage, "admin_usage", broken)
-    monkeypatch.setattr(gateway.state.usage, "summary", broken)
+    monkeypatch.setattr(gateway.state.usage.backend, "admin_usage", broken)
+    monkeypatch.setattr(gateway.state.usage.backend, "summary", broken)
     monkeypatch.setattr(gateway.state.breakers, "states", broken_states)
     admin = {"Authorization": f"Bearer {ADMIN}"}
     client = {"Authorization": f"Bearer {CLIENT_KEY}"}

@@ -686,7 +686,7 @@ async def test_retention_deletes_raw_rows_and_keeps_roll_ups(make_recorder: Make
     assert await r.prune() == 5
     assert [x.request_id for x in await r.call(UsageStore.records)] == ["req_9"]
     old_day = datetime.fromtimestamp(old, UTC).date()
-    kept = await r.summary("k1", old_day, TODAY)
+    kept = await r.backend.summary("k1", old_day, TODAY)
     assert (kept["total_requests"], kept["total_cost"]) == (6, 6.0)
     clock.now += 25 * 86_400
     assert await r.prune() == 1
@@ -800,12 +800,12 @@ async def test_key_changes_from_the_cli_reach_the_running_gateway(
     h = hash_key(new_key())
     await r.call(UsageStore.add_key, "app", h, models=["demo/*"])
     gen = await r.call(UsageStore.keys_generation)
-    assert (await r.valid_keys())[h].models == ("demo/*",)
+    assert (await r.backend.valid_keys())[h].models == ("demo/*",)
     with UsageStore(r.config.path) as cli:  # another connection, as `gateway keys revoke` has
         cli.revoke_key("app")
     assert await r.call(UsageStore.keys_generation) > gen
-    assert await r.valid_keys() == {}
-    assert await r.revoked_ids() == {"app"}
+    assert await r.backend.valid_keys() == {}
+    assert await r.backend.revoked_ids() == {"app"}
 
 
 def test_tier_changes_and_state(db: str) -> None:

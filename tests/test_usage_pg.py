@@ -367,8 +367,12 @@ async def test_a_record_reads_back_with_every_field(make_recorder: MakeRecorder)
     for x in (full, failed, no_key):
         r.record(x)
     assert await r.flush()
-    assert await r.records() == [full, failed, no_key._replace(key_id="", client_ip="", model="")]
-    assert await r.records(key_id="k1", start=NOW + 1, end=NOW + 2) == [failed]
+    assert await r.backend.records() == [
+        full,
+        failed,
+        no_key._replace(key_id="", client_ip="", model=""),
+    ]
+    assert await r.backend.records(key_id="k1", start=NOW + 1, end=NOW + 2) == [failed]
 
 
 async def test_records_are_written_in_few_transactions(
@@ -416,7 +420,7 @@ async def test_invalid_records_are_counted_and_odd_text_is_kept(
     r.record(rec(n=4, model="gpt\x00-4"))  # PostgreSQL text cannot hold NUL; SQLite can
     assert await r.flush()
     assert (r.written, r.rejected, r.dropped) == (2, 3, 3)
-    assert [(x.request_id, x.model) for x in await r.records()] == [
+    assert [(x.request_id, x.model) for x in await r.backend.records()] == [
         ("req_1", "m"),
         ("req_4", "gpt\ufffd-4"),
     ]
@@ -715,8 +719,8 @@ async def test_retention_deletes_raw_rows_and_keeps_roll_ups(make_recorder: Make
     r.record(rec(recent, 9, cost=1.0))
     assert await r.flush()
     assert await r.prune() == 5
-    assert [x.request_id for x in await r.records()] == ["req_9"]
-    kept = await r.summary("k1", datetime.fromtimestamp(old, UTC).date(), TODAY)
+    assert [x.request_id for x in await r.backend.records()] == ["req_9"]
+    kept = await r.backend.summary("k1", datetime.fromtimestamp(old, UTC).date(), TODAY)
     assert (kept["total_requests"], kept["total_cost"]) == (6, 6.0)
     clock.now += 25 * 86_400
     assert await r.prune() == 1
@@ -829,34 +833,34 @@ async def test_key_changes_from_another_process_reach_the_recorder(
 ) -> None:
     r = await make_recorder()
     h = hash_key(new_key())
-    await r.add_key("app", h, models=["demo/*"])
-    gen = await r.keys_generation()
-    assert (await r.valid_keys())[h].models == ("demo/*",)
+    await r.backend.add_key("app", h, models=["demo/*"])
+    gen = await r.backend.keys_generation()
+    assert (await r.backend.valid_keys())[h].models == ("demo/*",)
     cli = await make_store()  # as `gateway keys revoke` on another host would
     await cli.revoke_key("app")
-    assert await r.keys_generation() > gen
-    assert await r.valid_keys() == {}
-    assert await r.revoked_ids() == {"app"}
+    assert await r.backend.keys_generation() > gen
+    assert await r.backend.valid_keys() == {}
+    assert await r.backend.revoked_ids() == {"app"}
 
 
 async def test_tier_changes_and_state(make_recorder: MakeRecorder) -> None:
     clock = Clock()
     r = await make_recorder(clock=clock)
-    await r.add_tier_change(
+    await r.backend.add_tier_change(
         "k1", "free", "pro", "7 clean days", state=TierState("k1", "pro", 0, "2025-03-15", NOW)
     )
     clock.now += 10
-    await r.add_tier_change("k2", None, "free", "first use")
-    await r.set_tier_state(TierState("k2", "free", 3, "2025-03-15", NOW))
-    await r.set_tier_state(TierState("k2", "free", 4, "2025-03-16", NOW + 86_400))
-    changes = await r.tier_changes()
+    await r.backend.add_tier_change("k2", None, "free", "first use")
+    await r.backend.set_tier_state(TierState("k2", "free", 3, "2025-03-15", NOW))
+    await r.backend.set_tier_state(TierState("k2", "free", 4, "2025-03-16", NOW + 86_400))
+    changes = await r.backend.tier_changes()
     assert [(c.key_id, c.ts, c.from_tier, c.to_tier) for c in changes] == [
         ("k1", NOW, "free", "pro"),
         ("k2", NOW + 10, None, "free"),
     ]
-    assert [c.reason for c in await r.tier_changes("k1")] == ["7 clean days"]
-    assert (await r.tier_changes(since=NOW + 5))[0].key_id == "k2"
-    assert await r.tier_states() == {
+    assert [c.reason for c in await r.backend.tier_changes("k1")] == ["7 clean days"]
+    assert (await r.backend.tier_changes(since=NOW + 5))[0].key_id == "k2"
+    assert await r.backend.tier_states() == {
         "k1": TierState("k1", "pro", 0, "2025-03-15", NOW),
         "k2": TierState("k2", "free", 4, "2025-03-16", NOW + 86_400),
     }
@@ -939,7 +943,7 @@ async def test_two_gateways_answer_for_the_whole_fleet(
             for k in admin["keys"]
         } == {"test": {"priced/gpt-4o": 3}, "demo-only": {"demo/embed": 1}}
         assert admin["total_cost"] == 0.375
-    records = await one.state.usage.records()
+    records = await one.state.usage.backend.records()
     assert sorted(r.model for r in records if r.model) == ["demo/embed", *["priced/gpt-4o"] * 3]
 
     # a key made on one gateway works on the other once it has polled the database
