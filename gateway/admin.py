@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -21,9 +21,10 @@ from .auth import hash_key, new_key
 from .errors import InvalidAPIKey, InvalidRequest, NotFound
 from .exchange import EXCHANGE
 from .handlers import parse_period
+from .key_listing import KeyInfo, key_infos
 from .ops import breaker_states
 from .runtime import STATE, GatewayState
-from .usage_store import KeyConflict, PeriodUsage, UnknownKey
+from .usage_store import KeyConflict, UnknownKey
 from .usage_types import MAX_GRACE as MAX_GRACE  # (the dashboard imports it from here)
 from .usage_types import MAX_KEY_ID, KeyFieldError, check_key_fields
 
@@ -116,24 +117,6 @@ async def rotate_key(request: web.Request) -> web.Response:
 # --- the key lifecycle, shared with the dashboard --------------------------------------------
 
 
-class KeyInfo(TypedDict):
-    """One client key as the admin API lists it and the dashboard shows it."""
-
-    id: str
-    source: str  # "managed" (database) or "config" (TOML)
-    description: str
-    models: list[str]
-    tier: str | None
-    revoked: bool
-    created: float | None
-    expires: float | None
-    last_used: float | None
-    requests: int
-    total_tokens: int
-    cost: float
-    today: PeriodUsage
-
-
 @dataclass(frozen=True, slots=True)
 class IssuedKey:
     """A key just created or rotated: the secret is in memory only until it is shown once."""
@@ -145,37 +128,9 @@ class IssuedKey:
 
 
 async def client_keys(state: GatewayState) -> list[KeyInfo]:
-    """Every key, from the config and the database, with its tier, status and usage."""
-    config, backend = state.config, state.usage.backend
-    managed = {k.id: k for k in await backend.list_keys()}
-    revoked = await backend.revoked_ids()
-    principals = {p.key_id: p for p in state.runtime.keys.principals()}
-    stats = {s["key_id"]: s for s in await backend.key_stats([k.id for k in config.keys])}
-    configured = {k.id: k for k in config.keys}
-    keys: list[KeyInfo] = []
-    for key_id in sorted(configured.keys() | managed.keys()):
-        m = managed.get(key_id)
-        source = m or configured[key_id]
-        p = principals.get(key_id)
-        s = stats.get(key_id)
-        keys.append(
-            {
-                "id": key_id,
-                "source": "managed" if m is not None else "config",
-                "description": source.description,
-                "models": list(source.models),
-                "tier": p.tier if p else source.tier,
-                "revoked": key_id in revoked,
-                "created": m.created_at if m else None,
-                "expires": m.expires_at if m else None,
-                "last_used": s["last_used"] if s else None,
-                "requests": s["requests"] if s else 0,
-                "total_tokens": s["total_tokens"] if s else 0,
-                "cost": s["cost"] if s else 0.0,
-                "today": s["today"] if s else {"requests": 0, "total_tokens": 0, "cost": 0.0},
-            }
-        )
-    return keys
+    """Every key, from the config and the database, with its tier in force, status and usage."""
+    tiers = {p.key_id: p.tier for p in state.runtime.keys.principals()}
+    return await key_infos(state.config, state.usage.backend, tiers)
 
 
 async def add_client_key(

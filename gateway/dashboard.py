@@ -44,7 +44,6 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from .admin import (
-    KeyInfo,
     add_client_key,
     client_keys,
     revoke_client_key,
@@ -68,6 +67,7 @@ from .dashboard_pages import (
 from .dashboard_session import LoginThrottle, Session, Sessions
 from .errors import GatewayError, InvalidAPIKey, InvalidRequest
 from .exchange import EXCHANGE
+from .key_listing import KeyInfo
 from .ops import breaker_states
 from .runtime import STATE, GatewayState
 from .usage_store import DailyKeyModelUsage

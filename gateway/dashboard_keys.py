@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .admin import MAX_GRACE, KeyInfo
+from .admin import MAX_GRACE
 from .dashboard_charts import Series, bar_chart
 from .dashboard_html import (
     Safe,
@@ -29,6 +29,7 @@ from .dashboard_html import (
     when,
 )
 from .dashboard_pages import Frame, Totals, count, head, range_note, tier_label, totals_table
+from .key_listing import KeyInfo
 
 GRACE_CHOICES = (
     (0, "none: it stops at once"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .admin import IssuedKey, KeyInfo
+from .admin import IssuedKey
 from .dashboard_charts import Series, bar_chart
 from .dashboard_html import (
     EMPTY,
@@ -31,6 +31,7 @@ from .dashboard_html import (
     utc,
     when,
 )
+from .key_listing import KeyInfo
 
 RANGES = (7, 30, 90)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import config as config_module
 from .auth import hash_key, new_key
+from .key_listing import key_infos
 from .usage_backend import UsageBackend, open_backend
 from .usage_types import MAX_GRACE, KeyConflict, UnknownKey, UsageStoreError, default_period
 
@@ -190,10 +191,6 @@ def keys_list(ns: argparse.Namespace) -> int:
 
 
 async def _list(config: config_module.Config, store: UsageBackend) -> int:
-    managed = {k.id: k for k in await store.list_keys()}
-    revoked = await store.revoked_ids()
-    stats = {s["key_id"]: s for s in await store.key_stats([k.id for k in config.keys])}
-    configured = {k.id: k for k in config.keys}
     rows = [
         (
             "ID",
@@ -208,25 +205,22 @@ async def _list(config: config_module.Config, store: UsageBackend) -> int:
             "TODAY",
         )
     ]
-    for key_id in sorted(configured.keys() | managed.keys()):
-        m = managed.get(key_id)
-        source = m or configured[key_id]
-        s = stats.get(key_id)
-        status = "revoked" if key_id in revoked else "active"
-        if m is not None and m.expires_at is not None:
-            status += f" (expires {_when(m.expires_at)})"
-        today = s["today"] if s else None
+    for k in await key_infos(config, store):
+        status = "revoked" if k["revoked"] else "active"
+        if k["expires"] is not None:
+            status += f" (expires {_when(k['expires'])})"
+        today = k["today"]
         rows.append((
-            key_id,
-            "database" if m else "config",
-            source.tier or "-",
+            k["id"],
+            "database" if k["source"] == "managed" else "config",
+            k["tier"] or "-",
             status,
-            _when(m.created_at) if m else "-",
-            _when(s["last_used"]) if s and s["last_used"] else "never",
-            str(s["requests"]) if s else "0",
-            str(s["total_tokens"]) if s else "0",
-            f"{s['cost']:.4f}" if s else "0.0000",
-            f"{today['requests']} req / {today['total_tokens']} tok" if today else "-",
+            _when(k["created"]) if k["created"] is not None else "-",
+            _when(k["last_used"]) if k["last_used"] else "never",
+            str(k["requests"]),
+            str(k["total_tokens"]),
+            f"{k['cost']:.4f}",
+            f"{today['requests']} req / {today['total_tokens']} tok",
         ))  # fmt: skip
     _print_table(rows)
     return 0
