@@ -208,7 +208,10 @@ def from_upstream(
     err = GatewayError(message or f"provider '{provider}' refused the request", param=param)
     err.status = status
     err.type = type_ or _TYPE_BY_STATUS.get(status, "invalid_request_error")
-    err.code = code if code is not None else ("rate_limit_exceeded" if status == 429 else None)
+    if code is None and status == 429:
+        # the code the gateway's own 429 of that kind carries: a quota is not a rate limit
+        code = "insufficient_quota" if err.type == "insufficient_quota" else "rate_limit_exceeded"
+    err.code = code
     err.retryable = status in (408, 409, 429)
     if retry_after:
         err.headers["Retry-After"] = retry_after

@@ -245,6 +245,19 @@ async def test_upstream_429_is_429_with_retry_after(gateway: Gateway) -> None:
     assert headers["Retry-After"] == "7"
 
 
+async def test_upstream_quota_429_without_a_code_says_insufficient_quota(gateway: Gateway) -> None:
+    gateway.fake.next_json(
+        429,
+        {"error": {"message": "You exceeded your current quota", "type": "insufficient_quota"}},
+    )
+    status, body, headers = await post(
+        gateway, "/v1/chat/completions", {"model": "openai/gpt-4o", "messages": MESSAGES}
+    )
+    assert status == 429
+    assert_envelope(body, "insufficient_quota", "insufficient_quota")
+    assert headers["Retry-After"] == "1"
+
+
 @pytest.mark.parametrize(
     ("upstream", "status", "code"),
     [
