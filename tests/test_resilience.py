@@ -63,6 +63,11 @@ async def test_gives_up_after_the_configured_retries(make_gateway: MakeGateway) 
     with pytest.raises(openai.InternalServerError) as caught:
         await gateway.aclient().chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
     assert caught.value.status_code == 503
+    assert (caught.value.type, caught.value.code, caught.value.param) == (
+        "server_error",
+        "service_unavailable",
+        None,
+    )
     assert len(gateway.fake.requests) == 3
     [record] = await gateway.records()
     assert (record.status, record.outcome) == (503, "service_unavailable")
@@ -74,8 +79,14 @@ async def test_client_errors_are_not_retried(make_gateway: MakeGateway) -> None:
         400,
         {"error": {"message": "bad", "type": "invalid_request_error", "param": "x", "code": None}},
     )
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError) as caught:
         await gateway.aclient().chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    # the upstream's own envelope, param included, reaches the client
+    assert (caught.value.type, caught.value.code, caught.value.param) == (
+        "invalid_request_error",
+        None,
+        "x",
+    )
     assert len(gateway.fake.requests) == 1
 
 
@@ -123,6 +134,12 @@ async def test_retry_after_beyond_the_deadline_is_passed_to_the_client(
         await gateway.aclient().chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
     assert time.monotonic() - started < 2
     assert caught.value.response.headers["retry-after"] == "30"
+    # an OpenAI upstream's own 429 type ("requests" or "tokens") is passed on as it came
+    assert (caught.value.type, caught.value.code, caught.value.param) == (
+        "requests",
+        "rate_limit_exceeded",
+        None,
+    )
     assert len(gateway.fake.requests) == 1
 
 
@@ -177,7 +194,12 @@ async def test_breaker_opens_skips_and_probes(make_gateway: MakeGateway) -> None
     assert len(gateway.fake.requests) == 2
     with pytest.raises(openai.InternalServerError) as caught:
         await client.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
-    assert caught.value.code == "circuit_open"
+    assert caught.value.status_code == 503
+    assert (caught.value.type, caught.value.code, caught.value.param) == (
+        "server_error",
+        "circuit_open",
+        None,
+    )
     await asyncio.sleep(0.35)
     # half-open: one probe goes through, succeeds, and closes the breaker
     answer = await client.chat.completions.create(model="resilient", messages=MESSAGES)
@@ -221,6 +243,11 @@ async def test_timeout_before_headers_is_504(make_gateway: MakeGateway) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
         await gateway.aclient().chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
     assert caught.value.status_code == 504
+    assert (caught.value.type, caught.value.code, caught.value.param) == (
+        "server_error",
+        "upstream_timeout",
+        None,
+    )
     assert time.monotonic() - started < 3
     [record] = await gateway.records()
     assert record.outcome == "upstream_timeout"
@@ -240,7 +267,7 @@ async def test_stream_idle_mid_stream_is_cut_with_an_error_event(make_gateway: M
             chunks.append(chunk)
     assert time.monotonic() - started < 3
     assert len(chunks) > 3
-    assert caught.value.code == "upstream_timeout"
+    assert (caught.value.type, caught.value.code) == ("server_error", "upstream_timeout")
     assert "went silent" in caught.value.message
     [record] = await gateway.records()
     assert record.outcome == "upstream_timeout" and record.stream
@@ -291,7 +318,11 @@ async def test_no_first_token_anywhere_is_a_504_response(make_gateway: MakeGatew
     )
     assert status == 504, raw  # nothing had been sent: a real HTTP error, not 200 + event
     error = json.loads(raw)["error"]
-    assert error["code"] == "upstream_timeout"
+    assert (error["type"], error["code"], error["param"]) == (
+        "server_error",
+        "upstream_timeout",
+        None,
+    )
     assert "no first token within 0.3 s" in error["message"]
     assert len(gateway.fake.requests) == 2  # the silent attempt was retried
     [record] = await gateway.records()
@@ -313,7 +344,11 @@ async def test_no_first_token_after_keep_alives_is_one_error_event(
     assert events[0] == b": keep-alive"
     assert [e for e in events if e != b": keep-alive"] == [events[-1]]
     error = json.loads(events[-1].removeprefix(b"data: "))["error"]
-    assert error["code"] == "upstream_timeout"
+    assert (error["type"], error["code"], error["param"]) == (
+        "server_error",
+        "upstream_timeout",
+        None,
+    )
     assert "no first token" in error["message"]
     [record] = await gateway.records()
     assert (record.status, record.outcome) == (200, "upstream_timeout")
@@ -436,6 +471,8 @@ async def test_error_after_keep_alives_is_an_error_event(make_gateway: MakeGatew
     assert status == 200  # the stream had started with keep-alives
     assert raw.startswith(b": keep-alive\n\n")
     assert raw.endswith(b'"code":"service_unavailable"}}\n\n')
+    error = json.loads(events_of(raw)[-1].removeprefix(b"data: "))["error"]
+    assert (error["type"], error["param"]) == ("server_error", None)
 
 
 async def test_client_disconnect_cancels_the_upstream(make_gateway: MakeGateway) -> None:
@@ -481,7 +518,12 @@ async def test_malformed_first_event_is_a_502_response(gateway: Gateway) -> None
         gateway, {"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True}
     )
     assert status == 502
-    assert json.loads(raw)["error"]["code"] == "upstream_invalid_response"
+    error = json.loads(raw)["error"]
+    assert (error["type"], error["code"], error["param"]) == (
+        "server_error",
+        "upstream_invalid_response",
+        None,
+    )
 
 
 async def test_malformed_event_mid_stream_is_an_error_event(gateway: Gateway) -> None:
@@ -494,8 +536,11 @@ async def test_malformed_event_mid_stream_is_an_error_event(gateway: Gateway) ->
     out = events_of(raw)
     assert len(out) == 3
     assert all(b'"object":"chat.completion.chunk"' in e for e in out[:2])
-    assert json.loads(out[-1].removeprefix(b"data: "))["error"]["code"] == (
-        "upstream_invalid_response"
+    error = json.loads(out[-1].removeprefix(b"data: "))["error"]
+    assert (error["type"], error["code"], error["param"]) == (
+        "server_error",
+        "upstream_invalid_response",
+        None,
     )
 
 
@@ -516,7 +561,11 @@ async def test_openai_stream_opening_rate_limited_is_a_429(gateway: Gateway) -> 
             model="openai/gpt-4o", messages=MESSAGES, stream=True
         )
     assert caught.value.status_code == 429
-    assert caught.value.code == "rate_limit_exceeded"
+    assert (caught.value.type, caught.value.code, caught.value.param) == (
+        "rate_limit_exceeded",
+        "rate_limit_exceeded",
+        None,
+    )
     assert caught.value.response.headers["Retry-After"] == "1"
     assert len(gateway.fake.requests) == 1
     [record] = await gateway.records()
@@ -556,35 +605,62 @@ models = ["anthropic/claude-haiku", "openai/gpt-4o"]
 
 
 @pytest.mark.parametrize(
-    ("model", "event", "status", "code"),
+    ("model", "event", "status", "type_", "code"),
     [
         (
             "anthropic/claude-haiku",
             b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}\n\n',
             503,
+            "server_error",
             "service_unavailable",
         ),
         (
             "anthropic/claude-haiku",
             b'event: error\ndata: {"type": "error", "error": {"type": "rate_limit_error", "message": "Slow down"}}\n\n',
             429,
+            "rate_limit_error",
             "rate_limit_exceeded",
         ),
-        ("openai/gpt-4o", OPENAI_STREAM_ERROR, 502, None),
-        ("openai/gpt-4o", openai_stream_error("insufficient_quota", None), 429, None),
-        ("openai/gpt-4o", openai_stream_error("tokens", "rate_limit_exceeded"), 429, None),
+        ("openai/gpt-4o", OPENAI_STREAM_ERROR, 502, "server_error", "upstream_error"),
+        (
+            "openai/gpt-4o",
+            openai_stream_error("insufficient_quota", None),
+            429,
+            "insufficient_quota",
+            "insufficient_quota",
+        ),
+        (
+            "openai/gpt-4o",
+            openai_stream_error("tokens", "rate_limit_exceeded"),
+            429,
+            "tokens",
+            "rate_limit_exceeded",
+        ),
         (
             "openai/gpt-4o",
             openai_stream_error("invalid_request_error", "context_length_exceeded"),
             400,
+            "invalid_request_error",
             "context_length_exceeded",
         ),
-        ("openai/gpt-4o", openai_stream_error("overloaded", None), 503, None),
-        ("openai/gpt-4o", openai_stream_error("something_new", None), 502, None),
+        (
+            "openai/gpt-4o",
+            openai_stream_error("overloaded", None),
+            503,
+            "server_error",
+            "service_unavailable",
+        ),
+        (
+            "openai/gpt-4o",
+            openai_stream_error("something_new", None),
+            502,
+            "server_error",
+            "upstream_error",
+        ),
     ],
 )
 async def test_stream_whose_first_event_is_an_error_gets_that_status(
-    gateway: Gateway, model: str, event: bytes, status: int, code: str | None
+    gateway: Gateway, model: str, event: bytes, status: int, type_: str, code: str
 ) -> None:
     fake = gateway.anthropic if model.startswith("anthropic") else gateway.fake
     fake.next_stream(events=[event])
@@ -592,8 +668,7 @@ async def test_stream_whose_first_event_is_an_error_gets_that_status(
     assert got == status, raw  # a real HTTP error the SDKs retry or raise on, not 200 + event
     error = json.loads(raw)["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    if code is not None:
-        assert error["code"] == code
+    assert (error["type"], error["code"], error["param"]) == (type_, code, None)
     [record] = await gateway.records()
     assert record.status == status
 
@@ -623,7 +698,11 @@ async def test_deadline_bounds_retries_and_fallbacks(make_gateway: MakeGateway) 
     took = time.monotonic() - started
     assert 0.5 < took < 1.5, took  # one deadline, not one per attempt or per deployment
     assert caught.value.status_code == 504
-    assert caught.value.code == "upstream_timeout"
+    assert (caught.value.type, caught.value.code, caught.value.param) == (
+        "server_error",
+        "upstream_timeout",
+        None,
+    )
     assert (len(gateway.fake.requests), len(gateway.anthropic.requests)) == (1, 0)
     [record] = await gateway.records()
     assert (record.status, record.outcome) == (504, "upstream_timeout")
@@ -641,6 +720,7 @@ async def test_retry_after_waits_stop_at_the_deadline(make_gateway: MakeGateway)
     # own answer, with its Retry-After, goes to the client at once
     assert 0.9 < took < 1.5, took
     assert caught.value.status_code == 503
+    assert (caught.value.type, caught.value.code) == ("server_error", "service_unavailable")
     assert caught.value.response.headers["retry-after"] == "1"
     assert len(gateway.fake.requests) == 2
 
@@ -662,7 +742,11 @@ async def test_stream_deadline_after_keep_alives_is_an_error_event(
     events = events_of(raw)
     assert events[0] == b": keep-alive"
     error = json.loads(events[-1].removeprefix(b"data: "))["error"]
-    assert error["code"] == "upstream_timeout"
+    assert (error["type"], error["code"], error["param"]) == (
+        "server_error",
+        "upstream_timeout",
+        None,
+    )
     assert "request timeout (0.6 s)" in error["message"]
     assert len(gateway.fake.requests) == 1
 
@@ -738,7 +822,11 @@ async def test_a_stalled_or_trickled_body_gets_408(
     assert 0.4 < took < 2, took
     assert b"connection: close" in rest.lower()
     error = json.loads(body)["error"]
-    assert (error["code"], error["type"]) == ("request_timeout", "invalid_request_error")
+    assert (error["code"], error["type"], error["param"]) == (
+        "request_timeout",
+        "invalid_request_error",
+        None,
+    )
     assert set(error) == {"message", "type", "param", "code"}
 
 
@@ -758,6 +846,6 @@ async def test_a_providers_request_timeout_sets_the_deadline(
         await gateway.aclient().chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
     assert time.monotonic() - started < 1.5
     assert caught.value.status_code == 504
-    assert caught.value.code == "upstream_timeout"
+    assert (caught.value.type, caught.value.code) == ("server_error", "upstream_timeout")
     assert "0.5 s" in caught.value.message  # the provider's timeout, not the server's 30 s
     assert len(gateway.fake.requests) == 1
