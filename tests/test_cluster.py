@@ -161,6 +161,13 @@ async def embed(session: aiohttp.ClientSession, url: str) -> int:
         return resp.status
 
 
+async def refused(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
+    """The status and the error envelope's contents of an embeddings request that fails."""
+    async with session.post(url + "/embeddings", json={"model": "demo/embed", "input": "x"},
+                            headers={"Authorization": f"Bearer {KEY}"}) as resp:  # fmt: skip
+        return resp.status, (await resp.json())["error"]
+
+
 async def start_fleet(config: Path, n: int) -> list[GatewayProcess]:
     fleet = [GatewayProcess(config) for _ in range(n)]
     await asyncio.gather(*(g.start() for g in fleet))
@@ -185,6 +192,13 @@ async def test_three_processes_share_one_limit(
         sequential = [await embed(session, next(urls)) for _ in range(15)]
         assert sequential.count(200) == 12  # not 36: one limit for the fleet
         assert sequential[12:] == [429, 429, 429]
+        status, error = await refused(session, next(urls))
+        assert (status, error["type"], error["code"], error["param"]) == (
+            429,
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            None,
+        )
     finally:
         results = await stop_fleet(fleet)
     assert all(code == 0 for code, _ in results), results
@@ -238,10 +252,13 @@ async def test_redis_down_fail_closed(
     try:
         assert await embed(session, gw.url) == 200
         redis_server.stop()
-        async with session.post(gw.url + "/embeddings", json={"model": "demo/embed", "input": "x"},
-                                headers={"Authorization": f"Bearer {KEY}"}) as resp:  # fmt: skip
-            assert resp.status == 503
-            assert (await resp.json())["error"]["code"] == "service_unavailable"
+        status, error = await refused(session, gw.url)
+        assert (status, error["type"], error["code"], error["param"]) == (
+            503,
+            "server_error",
+            "service_unavailable",
+            None,
+        )
     finally:
         await stop_fleet([gw])
 
@@ -409,7 +426,11 @@ async def test_admission_script_quotas_budgets_and_settlement(redis_server: Redi
         await asyncio.sleep(0.2)
         with pytest.raises(QuotaExceeded) as spent:
             await cluster.admit("k", limits, None, "chat", 10, 0.0001)
-        assert spent.value.code == "insufficient_quota"
+        assert (spent.value.status, spent.value.type, spent.value.code) == (
+            429,
+            "insufficient_quota",
+            "insufficient_quota",
+        )
         assert int(spent.value.headers["Retry-After"]) > 60  # the daily reset
         with pytest.raises(QuotaExceeded) as never:  # more than the whole quota
             await cluster.admit("other", limits, None, "chat", 2000, 0.0)
@@ -421,6 +442,11 @@ async def test_admission_script_quotas_budgets_and_settlement(redis_server: Redi
         with pytest.raises(RateLimited) as limited:
             await cluster.admit("b", bucket, None, "embeddings", 0, 0)
         assert limited.value.headers["Retry-After"] == "30"
+        assert (limited.value.status, limited.value.type, limited.value.code) == (
+            429,
+            "rate_limit_error",
+            "rate_limit_exceeded",
+        )
     finally:
         await cluster.close()
 
