@@ -30,12 +30,15 @@ async def post(
             return resp.status, await resp.json(), resp.headers
 
 
-def assert_envelope(body: dict[str, Any], type_: str, code: str | None) -> dict[str, Any]:
+def assert_envelope(
+    body: dict[str, Any], type_: str, code: str | None, param: str | None = None
+) -> dict[str, Any]:
     assert set(body) == {"error"}
     error = body["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == type_
     assert error["code"] == code
+    assert error["param"] == param
     assert isinstance(error["message"], str) and error["message"]
     return error
 
@@ -61,7 +64,11 @@ async def test_wrong_key_is_401_and_never_echoed(gateway: Gateway) -> None:
             model="openai/gpt-4o", messages=MESSAGES
         )  # type: ignore[arg-type]
     assert caught.value.status_code == 401
-    assert caught.value.code == "invalid_api_key"
+    assert (caught.value.type, caught.value.code, caught.value.param) == (
+        "invalid_request_error",
+        "invalid_api_key",
+        None,
+    )
     assert wrong not in str(caught.value.body)
     assert "0123456789" not in str(caught.value.body)
     assert gateway.fake.requests == []
@@ -96,7 +103,11 @@ async def test_unknown_model_is_404_naming_it(gateway: Gateway) -> None:
 async def test_model_without_the_endpoint_capability_is_400(gateway: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         await gateway.aclient().embeddings.create(model="openai/gpt-4o", input="x")
-    assert caught.value.code == "model_not_supported"
+    assert (caught.value.type, caught.value.code, caught.value.param) == (
+        "invalid_request_error",
+        "model_not_supported",
+        "model",
+    )
 
 
 # --- malformed requests ------------------------------------------------------------------------
@@ -159,8 +170,7 @@ async def test_bad_chat_bodies_are_400(
 ) -> None:
     status, body, _ = await post(gateway, "/v1/chat/completions", raw)
     assert status == 400
-    error = assert_envelope(body, "invalid_request_error", code)
-    assert error["param"] == param
+    assert_envelope(body, "invalid_request_error", code, param)
     assert gateway.fake.requests == []
 
 
@@ -169,7 +179,11 @@ async def test_bad_request_surfaces_as_sdk_bad_request(gateway: Gateway) -> None
         await gateway.aclient().chat.completions.create(
             model="openai/gpt-4o", messages=MESSAGES, temperature=9
         )  # type: ignore[arg-type]
-    assert caught.value.param == "temperature"
+    assert (caught.value.type, caught.value.code, caught.value.param) == (
+        "invalid_request_error",
+        "invalid_value",
+        "temperature",
+    )
 
 
 async def test_wrong_content_type_is_415(gateway: Gateway) -> None:
@@ -212,7 +226,7 @@ async def test_upstream_400_is_passed_through(gateway: Gateway) -> None:
     gateway.fake.next_json(status, raw)
     with pytest.raises(openai.BadRequestError) as caught:
         await gateway.aclient().chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
-    assert caught.value.code == "unsupported_value"
+    assert (caught.value.type, caught.value.code) == ("invalid_request_error", "unsupported_value")
     assert caught.value.param == "messages[0].role"
 
 
@@ -221,7 +235,7 @@ async def test_upstream_404_is_passed_through(gateway: Gateway) -> None:
     gateway.fake.next_json(status, raw)
     with pytest.raises(openai.NotFoundError) as caught:
         await gateway.aclient().chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
-    assert caught.value.code == "model_not_found"
+    assert (caught.value.type, caught.value.code) == ("invalid_request_error", "model_not_found")
 
 
 async def test_upstream_429_is_429_with_retry_after(gateway: Gateway) -> None:
@@ -279,6 +293,7 @@ async def test_upstream_server_errors(
     error = body["error"]
     assert error["code"] == code
     assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    assert error["param"] is None
 
 
 async def test_upstream_rejecting_our_credentials_is_not_the_clients_401(gateway: Gateway) -> None:
@@ -333,7 +348,7 @@ async def test_stream_cut_mid_way_ends_with_an_error_event(gateway: Gateway) -> 
         async for chunk in stream:
             received.append(chunk)
     assert len(received) == 3
-    assert caught.value.code == "upstream_connection_lost"
+    assert (caught.value.type, caught.value.code) == ("server_error", "upstream_connection_lost")
     assert "before the response was complete" in caught.value.message
 
 
@@ -347,6 +362,7 @@ async def test_stream_upstream_error_before_start_is_plain_error(gateway: Gatewa
             model="openai/gpt-4o", messages=MESSAGES, stream=True
         )  # type: ignore[arg-type]
     assert caught.value.status_code == 503
+    assert (caught.value.type, caught.value.code) == ("server_error", "service_unavailable")
 
 
 async def test_errors_never_leak_the_upstream_key(gateway: Gateway) -> None:
