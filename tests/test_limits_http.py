@@ -157,6 +157,7 @@ async def test_n_plus_one_requests_give_one_429_with_headers(make_gateway: MakeG
     _status, body, headers = results[3]
     assert body["error"]["code"] == "rate_limit_exceeded"
     assert body["error"]["type"] == "rate_limit_error"
+    assert body["error"]["param"] is None
     assert headers["Retry-After"] == "20"  # until one request's worth has refilled
     assert headers["X-RateLimit-Remaining-Requests"] == "0"
     assert headers["X-RateLimit-Reset-Requests"] == "1m0s"
@@ -181,6 +182,10 @@ trusted_proxies = ["127.0.0.1"]
     # a third key from an IP that used its one request is refused by the IP bucket
     status, body, _ = await chat(gateway, CLIENT_KEY, {"X-Forwarded-For": "10.0.0.1"})
     assert status == 429
+    assert (body["error"]["type"], body["error"]["code"]) == (
+        "rate_limit_error",
+        "rate_limit_exceeded",
+    )
     assert "IP" in body["error"]["message"] or "address" in body["error"]["message"]
     assert (await chat(gateway, CLIENT_KEY, {"X-Forwarded-For": "10.0.0.3"}))[0] == 200
     records = await gateway.records()
@@ -319,7 +324,7 @@ models = [{ id = "talker", max_tokens = 1, price_in = 1000.0, price_out = 1000.0
     with pytest.raises(openai.APIError) as caught:
         async for chunk in stream:
             words.append(chunk.choices[0].delta.content or "")
-    assert caught.value.code == "insufficient_quota"
+    assert (caught.value.type, caught.value.code) == ("insufficient_quota", "insufficient_quota")
     assert 3 < len(words) < 40  # some of the answer arrived, not all of it
     [record] = await gateway.records()
     assert record.outcome == "insufficient_quota"
@@ -339,7 +344,10 @@ async def test_limits_survive_a_restart(
     two = await make_gateway(toml=toml)  # a new gateway on the same database
     status, body, _ = await chat(two, LIMITED)
     assert status == 429
-    assert body["error"]["code"] == "insufficient_quota"
+    assert (body["error"]["type"], body["error"]["code"]) == (
+        "insufficient_quota",
+        "insufficient_quota",
+    )
 
 
 async def test_reload_changes_tier_and_keeps_what_was_used(make_gateway: MakeGateway) -> None:
@@ -391,7 +399,9 @@ async def test_chunked_bodies_reserve_their_size_against_the_quota(
     admitted = [r for r in results if r[0] == 200]
     assert len(admitted) == 10
     assert len(admitted) * estimate <= quota  # the reservations never exceeded the quota
-    assert {r[1]["error"]["code"] for r in results if r[0] != 200} == {"insufficient_quota"}
+    assert {
+        (r[0], r[1]["error"]["type"], r[1]["error"]["code"]) for r in results if r[0] != 200
+    } == {(429, "insufficient_quota", "insufficient_quota")}
     remaining = {int(r[2]["X-RateLimit-Remaining-Tokens"]) for r in admitted}
     assert min(remaining) == quota - 10 * estimate
 
@@ -406,7 +416,9 @@ async def test_n_choices_reserve_n_times_the_output(make_gateway: MakeGateway) -
     requests = [chat(gateway, LIMITED, max_tokens=40, n=3) for _ in range(10)]
     results = await all_admitted_first(gateway, requests)
     assert [r[0] for r in results].count(200) == 3
-    assert {r[1]["error"]["code"] for r in results if r[0] == 429} == {"insufficient_quota"}
+    assert {(r[1]["error"]["type"], r[1]["error"]["code"]) for r in results if r[0] == 429} == {
+        ("insufficient_quota", "insufficient_quota")
+    }
 
 
 def assert_limit_headers(headers: Any, requests: tuple[str, str], tokens: tuple[str, str]) -> None:
@@ -442,7 +454,12 @@ async def test_every_answer_to_a_key_carries_the_rate_limit_headers(
             headers=auth,
         ) as r:
             assert r.status == 404
-            assert (await r.json())["error"]["code"] == "model_not_found"
+            error = (await r.json())["error"]
+            assert (error["type"], error["code"], error["param"]) == (
+                "invalid_request_error",
+                "model_not_found",
+                "model",
+            )
             assert_limit_headers(r.headers, ("5", "5"), ("100000", "100000"))
         async with session.post(
             gateway.base_url + "/chat/completions",
@@ -545,7 +562,8 @@ async def test_upstream_429s_carry_retry_after_in_whole_seconds(
     )
     status, body, headers = await chat(gateway, LIMITED)
     assert status == 429
-    assert body["error"]["code"] == "rate_limit_exceeded"
+    # the upstream's own type ("requests") is passed on, as from any OpenAI upstream
+    assert (body["error"]["type"], body["error"]["code"]) == ("requests", "rate_limit_exceeded")
     assert lowest <= int(headers["Retry-After"]) <= highest
     assert headers["X-RateLimit-Limit-Requests"] == "5"  # the key's own limits, as ever
 
@@ -556,14 +574,22 @@ async def test_quota_429s_say_when_the_quota_comes_back(make_gateway: MakeGatewa
     stop_clock(gateway, wall=noon)
     # larger than the whole quota: never passes; the SDKs are told not to retry
     status, body, headers = await chat(gateway, LIMITED, max_tokens=5000)
-    assert (status, body["error"]["code"]) == (429, "insufficient_quota")
+    assert (status, body["error"]["type"], body["error"]["code"]) == (
+        429,
+        "insufficient_quota",
+        "insufficient_quota",
+    )
     assert headers["x-should-retry"] == "false"
     assert headers["Retry-After"] == str(12 * 3600)  # until the daily reset
     # used up: until the daily reset
     for _ in range(8):
         assert (await chat(gateway, LIMITED, max_tokens=10))[0] == 200
     status, body, headers = await chat(gateway, LIMITED, max_tokens=600)
-    assert (status, body["error"]["code"]) == (429, "insufficient_quota")
+    assert (status, body["error"]["type"], body["error"]["code"]) == (
+        429,
+        "insufficient_quota",
+        "insufficient_quota",
+    )
     assert headers["Retry-After"] == str(12 * 3600)
     assert "x-should-retry" not in headers
 
@@ -572,7 +598,11 @@ async def test_quota_429s_say_when_the_quota_comes_back(make_gateway: MakeGatewa
     stop_clock(gateway, wall=noon)
     assert (await chat(gateway, LIMITED, max_tokens=10))[0] == 200
     status, body, headers = await chat(gateway, LIMITED, max_tokens=10)
-    assert (status, body["error"]["code"]) == (429, "insufficient_quota")
+    assert (status, body["error"]["type"], body["error"]["code"]) == (
+        429,
+        "insufficient_quota",
+        "insufficient_quota",
+    )
     month_left = datetime(2026, 4, 1, tzinfo=UTC) - noon
     assert headers["Retry-After"] == str(int(month_left.total_seconds()))
     assert "x-should-retry" not in headers
