@@ -219,22 +219,31 @@ def from_upstream(
 
 
 def _whole_seconds(retry_after: str | None, status: int) -> str | None:
-    """An upstream's Retry-After (seconds or an HTTP date) as whole seconds, at least 1, as
-    the gateway's own 429s give it; a 429 that gave none gets 1, so that every 429 says when
-    to try again."""
-    seconds: float | None = None
-    if retry_after:
-        try:
-            seconds = float(retry_after)
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(retry_after)
-            except (TypeError, ValueError):
-                pass
-            else:
-                if when.tzinfo is None:
-                    when = when.replace(tzinfo=UTC)
-                seconds = when.timestamp() - time.time()
-    if seconds is None or not math.isfinite(seconds):
+    """An upstream's Retry-After as whole seconds, at least 1, as the gateway's own 429s give
+    it; a 429 that gave none gets 1, so that every 429 says when to try again."""
+    seconds = retry_after_seconds(retry_after)
+    if seconds is None:
         return "1" if status == 429 else None
     return str(max(1, math.ceil(seconds)))
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After value: delta seconds, or an HTTP date (RFC 9110
+    section 10.2.3) counted from `now` (the wall clock); a time in the past, or a negative
+    delay, means at once. None when there is none, or it is neither.
+
+    The one reader of Retry-After: an upstream's is read here when its error is built, and
+    the retry loop reads back the whole seconds that this left on the error."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # "-0000": UTC as RFC 5322 says, not local time
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return max(0.0, seconds) if math.isfinite(seconds) else None

@@ -31,11 +31,12 @@ from .errors import (
     ServiceUnavailable,
     UnsupportedMediaType,
     UpstreamTimeout,
+    retry_after_seconds,
 )
 from .exchange import EXCHANGE, Exchange
 from .limits import EndpointClass
 from .metrics import Metrics
-from .resilience import Breaker, Deadline, OutOfTime, parse_retry_after, weighted_order
+from .resilience import Breaker, Deadline, OutOfTime, weighted_order
 from .runtime import STATE, Runtime
 from .streaming import Answer, KeepAlive, StreamTimeouts, StreamWatch, pipe, prepare_sse
 from .translate.base import (
@@ -406,7 +407,7 @@ async def send(
             settled = True
             if isinstance(error, OutOfTime) or not error.retryable or attempt >= s.retries:
                 raise error
-            delay = rt.backoff.delay(attempt, parse_retry_after(error.headers.get("Retry-After")))
+            delay = rt.backoff.delay(attempt, retry_after_seconds(error.headers.get("Retry-After")))
             if loop.time() + delay >= deadline.at:
                 raise error  # the upstream's own answer says more than a timeout would
             await asyncio.sleep(delay)

@@ -1,5 +1,5 @@
-"""Staying up when upstreams misbehave: circuit breakers, retry backoff, the request deadline,
-deployment order, Retry-After.
+"""Staying up when upstreams misbehave: circuit breakers, retry backoff (honouring
+Retry-After), the request deadline, deployment order.
 
 A ``Breaker`` per deployment counts consecutive failures (connection errors, timeouts, 5xx);
 past ``failures`` it opens and the deployment is skipped for ``cooldown`` seconds; then one
@@ -8,13 +8,10 @@ probe request is let through (half-open): success closes it, failure opens it ag
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from typing import Literal, TypeVar
 
 from .errors import UpstreamTimeout
@@ -146,21 +143,3 @@ def weighted_order(
                 pool.pop(i)
                 break
     return out
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header: delta seconds, or an HTTP date (RFC 9110
-    section 10.2.3) counted from `now` (the wall clock); a date in the past means at once."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:  # "-0000": UTC as RFC 5322 says, not local time
-            when = when.replace(tzinfo=UTC)
-        return max(0.0, when.timestamp() - (time.time() if now is None else now))
-    return seconds if seconds >= 0 and math.isfinite(seconds) else None

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
+from email.utils import formatdate
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
+
+from gateway.errors import from_upstream, retry_after_seconds
 
 from .conftest import CLIENT_KEY, DEMO_ONLY_KEY, Gateway, MakeGateway
 from .fakes.openai_upstream import cassette_error
@@ -257,6 +261,32 @@ async def test_upstream_429_is_429_with_retry_after(gateway: Gateway) -> None:
     assert status == 429
     assert_envelope(body, "requests", "rate_limit_exceeded")
     assert headers["Retry-After"] == "7"
+
+
+def test_retry_after_seconds_reads_seconds_and_http_dates() -> None:
+    now = 1445412470.0  # Wed, 21 Oct 2015 07:27:50 GMT
+    assert retry_after_seconds("3", now) == 3.0
+    assert retry_after_seconds("1.5", now) == 1.5
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now) == 10.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:27:00 GMT", now) == 0.0  # past: at once
+    assert retry_after_seconds("-1", now) == 0.0  # not a valid delay; at once, as a past date
+    for bad in (None, "", "soon", "nan", "inf"):
+        assert retry_after_seconds(bad, now) is None
+
+
+def test_an_upstream_server_errors_retry_after_is_whole_seconds_or_none() -> None:
+    def sent(retry_after: str | None) -> str | None:
+        return from_upstream(503, "busy", provider="p", retry_after=retry_after).headers.get(
+            "Retry-After"
+        )
+
+    assert 119 <= int(sent(formatdate(time.time() + 120, usegmt=True)) or 0) <= 121
+    assert sent(formatdate(time.time() - 60, usegmt=True)) == "1"  # gone by: at once, said as 1
+    assert sent("-5") == "1"
+    assert sent("2.1") == "3"  # rounded up: never sooner than the upstream said
+    # unlike a 429, a 503 that said nothing (or nothing readable) is not given a wait
+    assert sent("soon") is None
+    assert sent(None) is None
 
 
 async def test_upstream_quota_429_without_a_code_says_insufficient_quota(gateway: Gateway) -> None:

@@ -19,8 +19,6 @@ import openai
 import pytest
 from aiohttp import web
 
-from gateway.resilience import parse_retry_after
-
 from .conftest import CLIENT_KEY, Fakes, Gateway, MakeGateway, gateway_toml
 from .fakes.anthropic_upstream import anthropic_error
 from .fakes.base import UPSTREAM_KEY, fixture_bytes, sse_events
@@ -749,15 +747,6 @@ async def test_stream_deadline_after_keep_alives_is_an_error_event(
     )
     assert "request timeout (0.6 s)" in error["message"]
     assert len(gateway.fake.requests) == 1
-
-
-def test_parse_retry_after_reads_seconds_and_http_dates() -> None:
-    now = 1445412470.0  # Wed, 21 Oct 2015 07:27:50 GMT
-    assert parse_retry_after("3", now) == 3.0
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now) == 10.0
-    assert parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT", now) == 0.0  # past: at once
-    for bad in (None, "", "-1", "soon", "nan", "inf"):
-        assert parse_retry_after(bad, now) is None
 
 
 async def test_retry_after_as_an_http_date_is_honoured(make_gateway: MakeGateway) -> None:
