@@ -413,7 +413,7 @@ async def test_recorded_upstream_errors(gateway: Gateway) -> None:
     )
     with pytest.raises(openai.RateLimitError) as limited:
         await client.chat.completions.create(model=MODEL, messages=messages)
-    assert limited.value.code == "rate_limit_exceeded"
+    assert (limited.value.type, limited.value.code) == ("rate_limit_error", "rate_limit_exceeded")
     assert limited.value.response.headers["retry-after"] == "3"
 
     status, body = anthropic_error(
@@ -432,7 +432,7 @@ async def test_recorded_upstream_errors(gateway: Gateway) -> None:
     with pytest.raises(openai.InternalServerError) as overloaded:
         await client.chat.completions.create(model=MODEL, messages=messages)
     assert overloaded.value.status_code == 503
-    assert overloaded.value.code == "service_unavailable"
+    assert (overloaded.value.type, overloaded.value.code) == ("server_error", "service_unavailable")
 
 
 async def test_sdk_retries_an_overloaded_anthropic(gateway: Gateway) -> None:
@@ -460,7 +460,7 @@ async def test_error_event_mid_stream(gateway: Gateway) -> None:
         async for chunk in stream:
             seen.append(chunk)
     assert seen and seen[0].choices[0].delta.role == "assistant"
-    assert caught.value.code == "service_unavailable"
+    assert (caught.value.type, caught.value.code) == ("server_error", "service_unavailable")
     assert "Overloaded" in caught.value.message
 
 
@@ -472,7 +472,7 @@ async def test_disconnect_mid_stream(gateway: Gateway) -> None:
     with pytest.raises(openai.APIError) as caught:
         async for _ in stream:
             pass
-    assert caught.value.code == "upstream_connection_lost"
+    assert (caught.value.type, caught.value.code) == ("server_error", "upstream_connection_lost")
 
 
 async def test_stream_ending_without_message_stop_is_an_error(gateway: Gateway) -> None:
@@ -484,7 +484,7 @@ async def test_stream_ending_without_message_stop_is_an_error(gateway: Gateway) 
     with pytest.raises(openai.APIError) as caught:
         async for _ in stream:
             pass
-    assert caught.value.code == "upstream_stream_incomplete"
+    assert (caught.value.type, caught.value.code) == ("server_error", "upstream_stream_incomplete")
 
 
 async def test_provider_key_goes_in_x_api_key(gateway: Gateway) -> None:

@@ -484,14 +484,14 @@ async def test_recorded_errors(gateway: Gateway) -> None:
     gateway.gemini.next_json(status, body)
     with pytest.raises(openai.RateLimitError) as limited:
         await client.chat.completions.create(model=FLASH, messages=messages)
-    assert limited.value.code == "rate_limit_exceeded"
+    assert (limited.value.type, limited.value.code) == ("rate_limit_error", "rate_limit_exceeded")
     assert "Quota exceeded" in limited.value.message
 
     status, body = recorded_error("pydantic-ai_error-404-model-not-found.cassette.yaml")
     gateway.gemini.next_json(status, body)
     with pytest.raises(openai.NotFoundError) as missing:
         await client.chat.completions.create(model=FLASH, messages=messages)
-    assert missing.value.code == "model_not_found"
+    assert (missing.value.type, missing.value.code) == ("invalid_request_error", "model_not_found")
 
     # Google answers a bad API key with 400 INVALID_ARGUMENT: that is the operator's key,
     # so the client must not see a 400 that blames its request
@@ -500,13 +500,17 @@ async def test_recorded_errors(gateway: Gateway) -> None:
     with pytest.raises(openai.APIStatusError) as auth:
         await client.chat.completions.create(model=FLASH, messages=messages)
     assert auth.value.status_code == 502
-    assert auth.value.code == "upstream_auth_failed"
+    assert (auth.value.type, auth.value.code) == ("server_error", "upstream_auth_failed")
 
     status, body = google_error(503, "UNAVAILABLE", "The model is overloaded.")
     gateway.gemini.next_json(status, body)
     with pytest.raises(openai.InternalServerError) as unavailable:
         await client.chat.completions.create(model=FLASH, messages=messages)
     assert unavailable.value.status_code == 503
+    assert (unavailable.value.type, unavailable.value.code) == (
+        "server_error",
+        "service_unavailable",
+    )
 
 
 async def test_retry_info_becomes_retry_after(gateway: Gateway) -> None:
@@ -524,6 +528,7 @@ async def test_retry_info_becomes_retry_after(gateway: Gateway) -> None:
             model=FLASH, messages=[{"role": "user", "content": "x"}]
         )
     assert caught.value.response.headers["retry-after"] == "17"
+    assert (caught.value.type, caught.value.code) == ("rate_limit_error", "rate_limit_exceeded")
 
 
 async def test_error_inside_a_stream(gateway: Gateway) -> None:
@@ -542,7 +547,7 @@ async def test_error_inside_a_stream(gateway: Gateway) -> None:
         async for chunk in stream:
             seen.append(chunk)
     assert [c.choices[0].delta.content for c in seen] == ["", "The"]
-    assert caught.value.code == "service_unavailable"
+    assert (caught.value.type, caught.value.code) == ("server_error", "service_unavailable")
 
 
 async def test_stream_without_finish_reason_is_incomplete(gateway: Gateway) -> None:
@@ -556,7 +561,7 @@ async def test_stream_without_finish_reason_is_incomplete(gateway: Gateway) -> N
     with pytest.raises(openai.APIError) as caught:
         async for _ in stream:
             pass
-    assert caught.value.code == "upstream_stream_incomplete"
+    assert (caught.value.type, caught.value.code) == ("server_error", "upstream_stream_incomplete")
 
 
 async def test_embeddings(gateway: Gateway) -> None:
@@ -694,7 +699,10 @@ async def test_every_finish_reason_of_the_proto(
                     pass
             else:
                 await client.chat.completions.create(model=FLASH, messages=messages)
-        assert caught.value.code == "upstream_invalid_function_call"
+        assert (caught.value.type, caught.value.code) == (
+            "server_error",
+            "upstream_invalid_function_call",
+        )
         assert reason in caught.value.message
         if not stream:
             assert isinstance(caught.value, openai.APIStatusError)
