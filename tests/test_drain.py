@@ -97,6 +97,7 @@ hash = "{hash_key(KEY)}"
         error = json.loads(last.removeprefix(b"data: "))["error"]
         assert error["code"] == "server_shutdown"
         assert error["type"] == "server_error"
+        assert error["param"] is None
     assert results[2].startswith(b": keep-alive")
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT status, outcome, stream FROM usage").fetchall()

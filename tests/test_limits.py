@@ -590,8 +590,7 @@ def test_refusals_carry_the_headers_and_the_real_retry_after() -> None:
         admit(limiter, limits, tokens=100)
     clock.advance(0.3)
     err = refused(limiter, limits, tokens=100)
-    assert err.status == 429
-    assert err.code == "rate_limit_exceeded"
+    assert (err.status, err.type, err.code) == (429, "rate_limit_error", "rate_limit_exceeded")
     assert err.headers == {
         "X-RateLimit-Limit-Requests": "60",
         "X-RateLimit-Remaining-Requests": "0",

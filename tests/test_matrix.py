@@ -314,6 +314,9 @@ async def test_upstream_rate_limit(gateway: Gateway, name: str) -> None:
         )
     assert caught.value.status_code == 429
     assert caught.value.code == "rate_limit_exceeded"
+    # an OpenAI upstream's own type is passed on; the others' become OpenAI's rate_limit_error
+    assert caught.value.type == ("requests" if name == "openai" else "rate_limit_error")
+    assert caught.value.param is None
 
 
 @providers

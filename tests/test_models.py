@@ -122,10 +122,14 @@ async def test_retrieve_model(gateway: Gateway) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         await gateway.aclient().models.retrieve("nope/nothing")
     assert (caught.value.status_code, caught.value.code) == (404, "model_not_found")
+    assert caught.value.type == "invalid_request_error"
     assert "nope/nothing" in caught.value.message
 
 
 async def test_models_need_a_key(gateway: Gateway) -> None:
     status, body = await get(gateway, "/v1/models", key="")
     assert status == 401
-    assert body["error"]["code"] == "invalid_api_key"
+    assert (body["error"]["type"], body["error"]["code"]) == (
+        "invalid_request_error",
+        "invalid_api_key",
+    )

@@ -119,14 +119,15 @@ limits = {{ requests_per_day = 1 }}
     # a refusal by the gateway's own limits
     tiny = gateway.aclient(key="gw-tiny-key-for-metrics")
     await tiny.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
-    with pytest.raises(openai.RateLimitError):
+    with pytest.raises(openai.RateLimitError) as limited:
         await tiny.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+    assert (limited.value.type, limited.value.code) == ("rate_limit_error", "rate_limit_exceeded")
     # and by its daily quota, another reason
     daily = gateway.aclient(key="gw-daily-key-for-metrics")
     await daily.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
     with pytest.raises(openai.RateLimitError) as quota:
         await daily.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
-    assert quota.value.code == "insufficient_quota"
+    assert (quota.value.type, quota.value.code) == ("insufficient_quota", "insufficient_quota")
 
     await gateway.state.usage.flush()
     after = samples((await get(gateway.url + "/metrics", ADMIN))[1])
@@ -319,7 +320,12 @@ async def test_separate_metrics_listener_needs_no_key(make_gateway: MakeGateway)
             assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert (await get(f"http://127.0.0.1:{port}/healthz"))[0] == 200
     status, body = await get(gateway.url + "/metrics", ADMIN)  # not on the main listener
-    assert (status, orjson.loads(body)["error"]["code"]) == (404, "unknown_endpoint")
+    error = orjson.loads(body)["error"]
+    assert (status, error["type"], error["code"]) == (
+        404,
+        "invalid_request_error",
+        "unknown_endpoint",
+    )
 
 
 async def test_each_worker_serves_and_logs_its_own_metrics_port(
