@@ -308,6 +308,25 @@ async def test_queue_bound_drops_and_counts(
     assert sum("dropping new records" in m for m in caplog.messages) == 1
 
 
+def test_batches_of_any_length_use_a_few_insert_statements(store: UsageStore) -> None:
+    # A statement per batch length kept hundreds of large prepared statements alive (RSS
+    # that grew with the traffic); batches are cut into a few fixed sizes instead.
+    sizes: set[int] = set()  # rows per INSERT statement (the trace shows bound values)
+    store.conn.set_trace_callback(
+        lambda sql: (
+            sizes.add(sql.count("CAST(round(")) if sql.startswith("INSERT INTO usage (") else None
+        )
+    )
+    n = 0
+    for length in [*range(1, 40), 255, 256, 257, 700, 1333]:
+        store.write_batch([rec(n=n + i) for i in range(length)])
+        n += length
+    store.conn.set_trace_callback(None)
+    assert len(sizes) <= 5
+    assert raw_count(store.path) == n
+    assert [r.request_id for r in store.records()] == [f"req_{i}" for i in range(n)]
+
+
 # --- faults ---------------------------------------------------------------------------------
 
 
