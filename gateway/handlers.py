@@ -165,10 +165,13 @@ async def forward_stream(
     s = rt.config.server
     task = asyncio.current_task()
     assert task is not None
-    waiting = True
+    waiting, interrupted = True, False
 
     def interrupt(_: object = None) -> None:
-        if waiting:  # not once the answer is in hand: then it is piped, and halted there
+        nonlocal interrupted
+        # once, and not once the answer is in hand: then it is piped, and halted there
+        if waiting and not interrupted:
+            interrupted = True
             task.cancel()
 
     halted: asyncio.Future[GatewayError] = asyncio.get_running_loop().create_future()
@@ -182,15 +185,19 @@ async def forward_stream(
     except GatewayError as e:
         error = e
     except asyncio.CancelledError:
-        gone = keepalive.failure if keepalive is not None else None
-        if not (halted.done() or gone) or task.cancelling() > 1:
+        if not interrupted or task.cancelling() > 1:  # not (only) ours: the client left
             if keepalive is not None:
                 keepalive.cancel()
             raise
         task.uncancel()
+        gone = keepalive.failure if keepalive is not None else None
         if gone is not None:
             raise gone from None
         error = halted.result()
+    except BaseException:
+        if keepalive is not None:  # (a bug): no comment may follow on this connection
+            keepalive.cancel()
+        raise
     finally:
         waiting = False
     try:

@@ -133,6 +133,7 @@ class KeepAlive:
         "_interval",
         "_loop",
         "_request",
+        "_stopped",
         "_timer",
         "_writing",
         "failure",
@@ -148,6 +149,7 @@ class KeepAlive:
         self._loop = asyncio.get_running_loop()
         self._timer = self._loop.call_later(interval, self._due)
         self._writing: asyncio.Task[None] | None = None
+        self._stopped = False
         self.response: web.StreamResponse | None = None
         self.failure: BaseException | None = None
 
@@ -155,6 +157,8 @@ class KeepAlive:
         self._writing = asyncio.ensure_future(self._write())
 
     async def _write(self) -> None:
+        if self._stopped:  # due in the loop turn that stopped it
+            return
         try:
             if self.response is None:
                 self.response = await prepare_sse(self._request)
@@ -163,11 +167,13 @@ class KeepAlive:
             self.failure = e
             self._interrupt()
             return
-        self._timer = self._loop.call_later(self._interval, self._due)
+        if not self._stopped:
+            self._timer = self._loop.call_later(self._interval, self._due)
 
     async def stop(self) -> web.StreamResponse | None:
         """No more comments: the response they began (None if none began), once a write
         under way has ended; raises that write's failure."""
+        self._stopped = True
         self._timer.cancel()
         if self._writing is not None and not self._writing.done():
             await self._writing
@@ -176,6 +182,7 @@ class KeepAlive:
         return self.response
 
     def cancel(self) -> None:
+        self._stopped = True
         self._timer.cancel()
         if self._writing is not None:
             self._writing.cancel()

@@ -455,6 +455,61 @@ async def test_a_client_gone_during_keep_alives_ends_the_upstream_call_at_once(
     assert (record.status, record.outcome, record.stream) == (499, "client_closed", True)
 
 
+async def test_a_bug_while_a_stream_waits_leaves_no_keep_alive_behind(
+    make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an unforeseen error before the first keep-alive is a 500; the keep-alive timer must
+    # not fire later and write an SSE answer onto the kept connection's next request
+    from gateway import handlers
+
+    async def broken(*_: object) -> None:
+        await asyncio.sleep(0.05)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(handlers, "open_upstream", broken)
+    gateway = await make_gateway(server="retries = 0\nkeepalive_interval = 0.3")
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    connector = aiohttp.TCPConnector(limit=1)  # one connection, kept alive between requests
+    async with aiohttp.ClientSession(connector=connector) as session:
+        body = {"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True}
+        async with session.post(
+            gateway.base_url + "/chat/completions", json=body, headers=headers
+        ) as resp:
+            assert resp.status == 500
+            assert (await resp.json())["error"]["code"] == "internal_error"
+        await asyncio.sleep(0.5)  # past the keep-alive interval
+        async with session.get(gateway.base_url + "/models", headers=headers) as resp:
+            assert resp.status == 200
+            assert resp.content_type == "application/json"
+            assert (await asyncio.wait_for(resp.json(), 3))["object"] == "list"
+
+
+async def test_keep_alive_stopped_as_a_comment_falls_due_writes_no_more(
+    aiohttp_client: Any,
+) -> None:
+    # the upstream answered in the loop turn the next comment fell due: that comment may go
+    # out, none after it (the stream watch keeps the connection alive from then on)
+    from gateway.streaming import KeepAlive, prepare_sse
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        keepalive = KeepAlive(request, 0.05, lambda: None)
+        keepalive._due()  # a write falls due ...
+        response = await keepalive.stop()  # ... as the answer arrives
+        await asyncio.sleep(0.3)
+        response = response or await prepare_sse(request)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    client = await aiohttp_client(app)
+    resp = await client.get("/")
+    raw = await resp.read()
+    assert raw.count(b": keep-alive\n\n") <= 1
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
 async def test_error_after_keep_alives_is_an_error_event(make_gateway: MakeGateway) -> None:
     gateway = await make_gateway(server="retries = 0\nkeepalive_interval = 0.1")
 
