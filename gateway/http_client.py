@@ -17,6 +17,7 @@ import socket
 import ssl
 from base64 import b64encode
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from aiohttp.client_exceptions import ClientConnectionError
@@ -37,13 +38,20 @@ class _Connection(ResponseHandler):
 
     The body's reader asks the protocol to resume reading after every chunk it hands out,
     paused or not, and the protocol then feeds its parser an empty read and resumes the
-    transport: for an SSE stream, one such round per event. Only a paused protocol has
-    anything to resume (unparsed data, a stopped transport, the read timer).
+    transport: for an SSE stream, one such round per event. A connection that never paused
+    has nothing to resume (its parser was never paused either); one that ever paused keeps
+    aiohttp's behaviour for good, since its parser can stay paused past the resume.
     """
 
-    def resume_reading(self, resume_parser: bool = True) -> None:
-        if self._reading_paused:
-            super().resume_reading(resume_parser)
+    _ever_paused = False
+
+    def pause_reading(self) -> None:
+        self._ever_paused = True
+        super().pause_reading()
+
+    def resume_reading(self, *args: Any, **kwargs: Any) -> None:
+        if self._ever_paused:
+            super().resume_reading(*args, **kwargs)
 
 
 class ConnectFailed(Exception):

@@ -159,6 +159,47 @@ async def test_a_body_read_slowly_pauses_the_connection_and_resumes_it_whole(
     await pool.close()
 
 
+async def test_a_stream_paused_by_thousands_of_tiny_chunks_is_read_to_its_end() -> None:
+    # aiohttp pauses a connection when more than 4,096 unread HTTP chunks pile up (keep-alive
+    # comments to a slow reader); its parser can stay paused past the resume, and only the
+    # reader's resume after each chunk lets it go on: a connection that ever paused must keep
+    # getting those, or the end of the stream waits for the read timeout
+    go, done = asyncio.Event(), asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        head += b"Transfer-Encoding: chunked\r\n\r\n"
+        writer.write(head + b"5\r\n: k\n\n\r\n" * 4097)
+        await go.wait()
+        last = b'data: {"a":1}\n\ndata: [DONE]\n\n'
+        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(last), last))
+        await writer.drain()
+        await done.wait()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = Pool(f"http://127.0.0.1:{port}/v1", {}, connect_timeout=2)
+    proto, _, payload = await pool.post("/x", b"{}", 3)
+    await asyncio.sleep(0.3)  # the tiny chunks arrive, unread
+    got = b""
+    while len(got) < 5 * 4097:
+        got += await payload.readany()
+    go.set()
+    rest = b""
+    while chunk := await asyncio.wait_for(payload.readany(), 2):
+        rest += chunk
+    assert rest == b'data: {"a":1}\n\ndata: [DONE]\n\n'
+    pool.release(proto, payload)
+    await pool.close()
+    done.set()
+    server.close()
+    await server.wait_closed()
+
+
 async def test_abort_ends_a_pending_read(echo: tuple[Echo, TestServer]) -> None:
     _, server = echo
     pool = Pool(base_url(server), {}, connect_timeout=2)
