@@ -147,6 +147,21 @@ def test_any_content_counts_and_passes_as_the_parse_has_it(
     assert content_chars(streamed) == sum(len(t or "") for t in texts[1:])
 
 
+def test_content_outside_the_delta_is_not_counted() -> None:
+    # text-generation-webui's OpenAI API sends each chunk's text in "message" and "delta"
+    def both(text: str) -> bytes:
+        obj = {**CHUNK}
+        choice = {**CHUNK["choices"][0], "delta": {"content": text}, "message": {"content": text}}
+        obj["choices"] = [choice]
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    raw = b"".join(both(f"word {i} ") for i in range(8)) + b"data: [DONE]\n\n"
+    assert_same(raw, "openai/gpt-4o", False, [])
+    t = translator("openai/gpt-4o", False)
+    by_reads(raw, t, [])
+    assert t.usage.streamed_chars == sum(len(f"word {i} ") for i in range(8))
+
+
 def test_an_error_event_among_plain_ones_is_parsed_and_keeps_what_came_before() -> None:
     error = b'data: {"error":{"message":"overloaded","type":"server_error","code":null}}\n\n'
     raw = b"".join(chunk_with(f"word {i}") for i in range(6)) + error
@@ -162,4 +177,5 @@ def test_content_chars_refuses_what_it_cannot_read() -> None:
     assert content_chars('{"delta":{"content":"日本語"}}'.encode()) == 3
     assert content_chars(b'{"delta":{"content":null}}') == 0
     assert content_chars(b'{"logprobs":{"content":[]}}') == -1
+    assert content_chars(b'{"message":{"content":"x"},"delta":{"content":"x"}}') == -1
     assert content_chars(b'{"delta":{"content": "spaced"}}') == -1

@@ -186,7 +186,10 @@ class OpenAIChat(_PassThrough):
 
         In valid JSON a quote that is not escaped only delimits strings, and raw line breaks
         only stand between values, so `"model"`, `"content":` and the event framing found in
-        the bytes are what they look like, never text inside a string.
+        the bytes are what they look like, never text inside a string. Counts are per read,
+        not per event: an event missing its top-level `model` while another nests an object
+        with `"model"` (or `"usage":null`) would be changed unlike the parse; no
+        OpenAI-compatible server sends that shape.
         """
         if not events:
             return b""
@@ -247,14 +250,15 @@ class OpenAISpeech(_PassThrough):
         return UpstreamCall(self.path, orjson.dumps(body), True)
 
 
-_CONTENT = re.compile(rb'"content":"((?:[^"\\]|\\.)*)"')
+# a delta's content, its first key (after the role in a stream's first chunk): a string or null
+_CONTENT = re.compile(rb'"delta":\{(?:"role":"assistant",)?"content":(?:"((?:[^"\\]|\\.)*)"|null)')
 
 
 def content_chars(events: bytes) -> int:
-    """Characters in the `"content"` strings of chunk events' JSON bytes (what each
-    `delta.content` holds); -1 when a `"content"` is neither a string nor null."""
-    texts = _CONTENT.findall(events)
-    if events.count(b'"content"') != len(texts) + events.count(b'"content":null'):
+    """Characters in the `delta.content` strings of chunk events' JSON bytes; -1 when any
+    `"content"` is not one of those (elsewhere in the chunk, or spelled another way)."""
+    texts = _CONTENT.findall(events)  # b"" for a null
+    if events.count(b'"content"') != len(texts):
         return -1
     joined = b"".join(texts)
     if joined.isascii() and joined.find(b"\\") < 0:
