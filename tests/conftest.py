@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -152,6 +154,17 @@ class Gateway:
         """Every usage record so far (after flushing the write-behind queue)."""
         assert await self.state.usage.flush()
         return await self.state.usage.backend.records()
+
+    async def records_once_written(
+        self, where: Callable[[UsageRecord], bool] = lambda _: True, timeout: float = 5.0
+    ) -> list[UsageRecord]:
+        """The records `where` picks, once there are any: a request the client left is
+        recorded when its handler has ended, a moment after the client is gone."""
+        deadline = time.monotonic() + timeout
+        while not (records := [r for r in await self.records() if where(r)]):
+            assert time.monotonic() < deadline, "no usage record was written"
+            await asyncio.sleep(0.05)
+        return records
 
     async def close_clients(self) -> None:
         for client in self.clients:

@@ -11,6 +11,7 @@ import json
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from .conftest import CLIENT_KEY, Fakes, Gateway, MakeGateway, gateway_toml
 from .fakes.anthropic_upstream import anthropic_error
-from .fakes.base import UPSTREAM_KEY, fixture_bytes, sse_events
+from .fakes.base import UPSTREAM_KEY, Behaviour, fixture_bytes, sse_events
 from .streams import post_raw
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
@@ -419,39 +420,12 @@ async def test_a_client_gone_during_keep_alives_ends_the_upstream_call_at_once(
     # the upstream thinks for 30 s; the client reads one keep-alive and leaves: a next
     # keep-alive fails, and the wait for the upstream must end then, not at its first token
     gateway = await make_gateway(server="retries = 0\nkeepalive_interval = 0.1")
-    upstream_asked, upstream_closed = asyncio.Event(), asyncio.Event()
-
-    async def thinking(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
-        upstream_asked.set()
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        try:
-            for _ in range(600):  # comments, no output: the gateway still waits
-                await response.write(b": thinking\n\n")
-                await asyncio.sleep(0.05)
-        except (ConnectionError, asyncio.CancelledError):
-            upstream_closed.set()
-            raise
-        return response
-
-    gateway.fake.next_behaviour(thinking)
-    async with aiohttp.ClientSession() as session:
-        resp = await session.post(
-            gateway.base_url + "/chat/completions",
-            json={"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True},
-            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
-        )
-        assert resp.status == 200
-        assert await resp.content.readline() == b": keep-alive\n"
-        await asyncio.wait_for(upstream_asked.wait(), timeout=3)
-        resp.close()  # the client goes away
-    await asyncio.wait_for(upstream_closed.wait(), timeout=3)
-    for _ in range(50):
-        records = await gateway.records()
-        if records:
-            break
-        await asyncio.sleep(0.05)
-    [record] = records
+    asked, closed = asyncio.Event(), asyncio.Event()
+    # comments, no output: the gateway still waits for a first token
+    gateway.fake.next_behaviour(until_dropped(lambda _: b": thinking\n\n", 0.05, closed, asked))
+    assert await first_line_then_leave(gateway, asked) == b": keep-alive\n"
+    await asyncio.wait_for(closed.wait(), timeout=3)
+    [record] = await gateway.records_once_written()
     assert (record.status, record.outcome, record.stream) == (499, "client_closed", True)
 
 
@@ -530,39 +504,57 @@ async def test_error_after_keep_alives_is_an_error_event(make_gateway: MakeGatew
 
 async def test_client_disconnect_cancels_the_upstream(make_gateway: MakeGateway) -> None:
     gateway = await make_gateway()
-    upstream_closed = asyncio.Event()
+    closed = asyncio.Event()
+    events = sse_events(fixture_bytes("openai/chat-stream-text.sse"))
+    gateway.fake.next_behaviour(until_dropped(lambda i: events[min(i, 3)], 0.02, closed))
+    await first_line_then_leave(gateway)  # the client goes away mid-stream
+    await asyncio.wait_for(closed.wait(), timeout=3)
+    [record] = await gateway.records_once_written()
+    assert record.outcome == "client_closed"
+    assert record.stream
 
-    async def endless(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
-        events = sse_events(fixture_bytes("openai/chat-stream-text.sse"))
+
+def until_dropped(
+    chunk: Callable[[int], bytes],
+    every: float,
+    closed: asyncio.Event,
+    asked: asyncio.Event | None = None,
+) -> Behaviour:
+    """A fake upstream stream that writes chunk(i) every `every` seconds (for a minute at
+    most) until the gateway drops the connection, which sets `closed`; `asked` is set when
+    the request arrives."""
+
+    async def stream(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
+        if asked is not None:
+            asked.set()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         try:
-            for i in range(10_000):
-                await response.write(events[min(i, 3)])
-                await asyncio.sleep(0.02)
+            for i in range(round(60 / every)):
+                await response.write(chunk(i))
+                await asyncio.sleep(every)
         except (ConnectionError, asyncio.CancelledError):
-            upstream_closed.set()
+            closed.set()
             raise
         return response
 
-    gateway.fake.next_behaviour(endless)
+    return stream
+
+
+async def first_line_then_leave(gateway: Gateway, wait: asyncio.Event | None = None) -> bytes:
+    """Open a chat stream, read its first line, (wait for `wait`,) then close the connection."""
     async with aiohttp.ClientSession() as session:
         resp = await session.post(
             gateway.base_url + "/chat/completions",
             json={"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True},
             headers={"Authorization": f"Bearer {CLIENT_KEY}"},
         )
-        await resp.content.readline()
-        resp.close()  # the client goes away mid-stream
-    await asyncio.wait_for(upstream_closed.wait(), timeout=3)
-    for _ in range(50):
-        records = await gateway.records()
-        if records:
-            break
-        await asyncio.sleep(0.05)
-    [record] = records
-    assert record.outcome == "client_closed"
-    assert record.stream
+        assert resp.status == 200
+        line = await resp.content.readline()
+        if wait is not None:
+            await asyncio.wait_for(wait.wait(), timeout=3)
+        resp.close()
+    return line
 
 
 async def test_malformed_first_event_is_a_502_response(gateway: Gateway) -> None:
