@@ -184,8 +184,10 @@ async def forward_stream(
         answer = await open_upstream(request, rt, route, body, endpoint, exchange)
     except GatewayError as e:
         error = e
-    except asyncio.CancelledError:
-        if not interrupted or task.cancelling() > 1:  # not (only) ours: the client left
+    except BaseException as e:
+        # only our own cancellation is handled here; another (aiohttp's, the client left) or
+        # a bug goes on, and no comment may follow on this connection
+        if not (isinstance(e, asyncio.CancelledError) and interrupted and task.cancelling() == 1):
             if keepalive is not None:
                 keepalive.cancel()
             raise
@@ -194,10 +196,6 @@ async def forward_stream(
         if gone is not None:
             raise gone from None
         error = halted.result()
-    except BaseException:
-        if keepalive is not None:  # (a bug): no comment may follow on this connection
-            keepalive.cancel()
-        raise
     finally:
         waiting = False
     try:

@@ -63,8 +63,6 @@ class SSEParser:
 
 
 def _parse_block(block: bytes) -> Event | None:
-    if block.startswith(b"data: ") and b"\n" not in block:  # the common case, fast
-        return Event("", block[6:])
     name = ""
     data: list[bytes] = []
     for line in block.split(b"\n"):
