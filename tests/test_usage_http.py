@@ -554,6 +554,37 @@ async def test_a_client_gone_while_the_gateway_writes_is_recorded_as_499(
     }
 
 
+async def test_a_bug_after_the_answer_began_is_recorded_as_an_internal_error(
+    make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the status is out, so the client's connection is cut; the record must not say "ok"
+    from gateway import handlers
+
+    admit = handlers.admit
+
+    async def begun_then_broken(request: web.Request) -> web.StreamResponse:
+        _, principal = handlers.authenticate(request)
+        await admit(request, principal, None, {}, "models")
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b'{"object": "li')
+        raise RuntimeError("a bug")
+
+    begun_then_broken.__name__ = "list_models"
+    monkeypatch.setattr(handlers, "list_models", begun_then_broken)
+    gateway = await make_gateway()
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientError):
+            resp = await session.get(
+                gateway.base_url + "/models", headers={"Authorization": f"Bearer {CLIENT_KEY}"}
+            )
+            await resp.read()
+    records = await gateway.records_once_written()
+    assert {(r.endpoint, r.status, r.outcome) for r in records} == {
+        ("models", 500, "internal_error")
+    }
+
+
 def cache_priced(fakes: Fakes) -> str:
     """One model per provider kind at the same prices, cache reads and writes priced apart."""
     prices = "price_in = 3.0, price_out = 15.0, price_cache_read = 0.3, price_cache_write = 3.75"
