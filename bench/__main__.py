@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.start()
             say(f"load generator: {bench.results.meta['loadgen']}")
             say(f"pinning: {bench.results.meta['pinning']}")
+            say(f"bytecode: {bench.results.meta['bytecode']}")
             for name, state in bench.features.items():
                 say(f"gateway {name}: {state}")
             uvloop.run(run_all(bench))

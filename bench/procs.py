@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import ctypes
+import importlib.util
 import os
 import resource
 import shutil
@@ -168,6 +170,19 @@ def start(name: str, argv: list[str], port: int, core: int | None, log: Path) ->
 
 def python_argv(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+def compile_bytecode(*modules: str) -> str:
+    """Write the modules' bytecode, as `pip install` does for an installed package, so that
+    start-up is timed as an operator's service starts, not compiling every source file (an
+    editable checkout under PYTHONDONTWRITEBYTECODE=1 would compile ~50 files per start)."""
+    done = []
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        dirs = spec.submodule_search_locations if spec is not None else None
+        if dirs and all(compileall.compile_dir(d, quiet=2) for d in dirs):
+            done.append(name)
+    return f"compiled for {', '.join(done)}" if done else "not compiled: compiled at each start"
 
 
 def raise_fd_limit(wanted: int = 65536) -> int:

@@ -79,6 +79,7 @@ class Bench:
         meta["cores"] = len(procs.usable_cores())
         meta["fd_limit"] = procs.raise_fd_limit()
         meta["loadgen"] = self._choose_loadgen()
+        meta["bytecode"] = procs.compile_bytecode("gateway", "bench")
         meta["pinning"] = (
             "none (fewer than 2 cores)"
             if self.server_core is None

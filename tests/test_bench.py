@@ -17,6 +17,7 @@ from bench.fake_upstream import FakeUpstream
 from bench.httpclient import Connection
 from bench.loadgen import Builtin, parse_wrk
 from bench.payloads import chat_load, large_body
+from bench.procs import compile_bytecode
 
 ROOT = Path(__file__).parent.parent
 
@@ -112,3 +113,16 @@ def test_parse_wrk() -> None:
     result = parse_wrk(out)
     assert (result.ok, result.errors, result.rps) == (4990, 10, 4990.0)
     assert (result.p50_ms, result.p99_ms) == (0.25, 0.9005)
+
+
+def test_bytecode_is_written_before_start_up_is_timed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "benchpkg"
+    (package / "sub").mkdir(parents=True)
+    for source in (package / "__init__.py", package / "sub" / "mod.py"):
+        source.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert compile_bytecode("benchpkg", "no_such_module_here") == "compiled for benchpkg"
+    assert list((package / "sub" / "__pycache__").glob("mod.*.pyc"))
+    assert compile_bytecode("no_such_module_here").startswith("not compiled")
