@@ -100,7 +100,9 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             transport = request.transport
             if isinstance(e, ConnectionError) and (transport is None or transport.is_closing()):
                 exchange.client_closed = True  # the client left while the gateway wrote to it
-                raise
+                # nothing reaches it now; aiohttp ends a response to a gone client quietly,
+                # where a raise would log a traceback for this routine event
+                return web.Response(status=499)
             if request.writer.output_size > 0:
                 exchange.error_code = "internal_error"
                 raise  # the answer has begun: aiohttp logs it and drops the connection

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -523,7 +524,7 @@ async def test_a_stream_the_client_cuts_is_billed_for_what_was_streamed(
 
 
 async def test_a_client_gone_while_the_gateway_writes_is_recorded_as_499(
-    make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
+    make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # e.g. a keep-alive comment written to a client that left while the upstream thought:
     # the write fails with ConnectionResetError on a closing transport
@@ -552,6 +553,8 @@ async def test_a_client_gone_while_the_gateway_writes_is_recorded_as_499(
     assert {(r.endpoint, r.status, r.outcome) for r in records} == {
         ("models", 499, "client_closed")
     }
+    # a client leaving is routine: no error (aiohttp's "Error handling request") in the log
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_a_bug_after_the_answer_began_is_recorded_as_an_internal_error(
