@@ -27,6 +27,7 @@ class Exchange:
         "attempts",
         "client_closed",
         "client_ip",
+        "cost_estimate",
         "deadline",
         "deployment",
         "endpoint",
@@ -37,6 +38,7 @@ class Exchange:
         "key_id",
         "limits",
         "model",
+        "output_estimate",
         "prompt_estimate",
         "refused",
         "request_id",
@@ -77,6 +79,8 @@ class Exchange:
         self.first_byte_at = 0.0  # when the first streamed content went to the client
         self.ticket: Admission | None = None  # the limiter's reservation, once admitted
         self.prompt_estimate = 0  # input tokens as estimated before sending
+        self.output_estimate = 0  # output tokens the admission reserved
+        self.cost_estimate = 0.0  # and the cost it reserved
         self.refused = False  # by the gateway's own limits
         # set by the server to end a stream it cannot wait for (shutdown), with the reason
         self.halted: asyncio.Future[GatewayError] | None = None

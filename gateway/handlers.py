@@ -239,17 +239,28 @@ def budget_cutoff(
     rt: Runtime, exchange: Exchange, deployment: Deployment, translator: Translator
 ) -> Callable[[], GatewayError | None] | None:
     """A check, run after each streamed chunk, that ends a stream whose real usage crosses
-    the key's daily token quota or budget (when the config says to cut such streams)."""
+    the key's daily token quota or budget (when the config says to cut such streams).
+
+    Within the output it reserved the stream cannot cross them: admission counted that
+    reservation against both. So the quota is only looked at once the stream outgrows it
+    (a request that overshoots is the one cut), not after every chunk.
+    """
     ticket = exchange.ticket
     if ticket is None or not ticket.bounded or not rt.config.limits.cut_off_streams:
         return None
     model = deployment.model
+    reserved = exchange.output_estimate
+    prompt = exchange.prompt_estimate
+    if cost_of(model, Usage(prompt_tokens=prompt, completion_tokens=reserved)) > (
+        exchange.cost_estimate
+    ):
+        reserved = -1  # a fallback pricier than the model admission priced: check every chunk
 
     def over() -> GatewayError | None:
-        usage = Usage(
-            prompt_tokens=exchange.prompt_estimate,
-            completion_tokens=translator.usage.estimate_output(),
-        )
+        output = translator.usage.estimate_output()
+        if output <= reserved:
+            return None
+        usage = Usage(prompt_tokens=prompt, completion_tokens=output)
         if ticket.exceeded(usage.total_tokens, cost_of(model, usage)):
             return QuotaExceeded(
                 "This key's token quota or budget ran out during the stream; it was cut here."
@@ -514,6 +525,8 @@ async def admit(
                 output *= choices
         cost = cost_of(model, Usage(prompt_tokens=prompt, completion_tokens=output))
     exchange.prompt_estimate = prompt
+    exchange.output_estimate = output
+    exchange.cost_estimate = cost
     limiter_class = endpoint_class(endpoint)
     state = request.app[STATE]
     try:

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -18,7 +19,10 @@ import pytest
 from aiohttp import web
 
 from gateway.auth import hash_key, new_key
-from gateway.limits import Limiter
+from gateway.config import ModelConfig
+from gateway.handlers import budget_cutoff
+from gateway.limits import Limiter, Ticket
+from gateway.translate.base import Usage
 
 from .conftest import CLIENT_KEY, Fakes, Gateway, MakeGateway, gateway_toml
 from .fakes.base import event_data, fixture_bytes, sse_events
@@ -329,6 +333,65 @@ models = [{ id = "talker", max_tokens = 1, price_in = 1000.0, price_out = 1000.0
     [record] = await gateway.records()
     assert record.outcome == "insufficient_quota"
     assert record.cost > 0.03
+
+
+async def test_a_stream_within_its_reservation_is_not_held_against_the_quota_per_chunk(
+    make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # admission counted the stream's whole reservation (max_tokens) against the budget: until
+    # its output outgrows that, no chunk can cross the budget, and none is checked
+    extra = (
+        keys('budget = 10.0\nbudget_period = "day"')
+        + """
+[[providers]]
+name = "pricey"
+kind = "demo"
+models = [
+  { id = "talker", max_tokens = 1000, price_in = 1.0, price_out = 1.0 },
+  { id = "chatty", max_tokens = 1, price_in = 1.0, price_out = 1.0 },
+]
+"""
+    )
+    checks = []
+    exceeded = Ticket.exceeded
+
+    def counted(self: Ticket, tokens: int, cost: float) -> bool:
+        checks.append(tokens)
+        return exceeded(self, tokens, cost)
+
+    monkeypatch.setattr(Ticket, "exceeded", counted)
+    gateway = await make_gateway(extra=extra)
+    client = gateway.aclient(key=LIMITED)
+    messages: Any = [{"role": "user", "content": "hello"}]
+    stream = await client.chat.completions.create(
+        model="pricey/talker", messages=messages, stream=True
+    )
+    words = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+    assert len(words) > 5 and checks == []
+    # a model whose cap (1 token) is below what it writes: past it, every chunk is checked
+    stream = await client.chat.completions.create(
+        model="pricey/chatty", messages=messages, stream=True
+    )
+    words = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+    assert len(words) > 5 and len(checks) > 3
+    assert checks == sorted(checks)  # the stream's usage so far, growing
+
+
+def test_a_fallback_pricier_than_the_admitted_model_is_checked_every_chunk() -> None:
+    # admission priced the first deployment; a pricier fallback can cross the budget within
+    # the reserved tokens, so its stream is checked from its first chunk
+    ticket = SimpleNamespace(bounded=True, exceeded=lambda tokens, cost: cost > 0.5)
+    rt: Any = SimpleNamespace(config=SimpleNamespace(limits=SimpleNamespace(cut_off_streams=True)))
+    exchange: Any = SimpleNamespace(
+        ticket=ticket, prompt_estimate=100, output_estimate=1000, cost_estimate=0.0011
+    )
+    translator: Any = SimpleNamespace(usage=Usage(streamed_chars=400))  # 100 tokens so far
+    cheap: Any = SimpleNamespace(model=ModelConfig("cheap", price_in=1.0, price_out=1.0))
+    pricey: Any = SimpleNamespace(model=ModelConfig("pricey", price_in=5000.0, price_out=5000.0))
+    over = budget_cutoff(rt, exchange, cheap, translator)
+    assert over is not None and over() is None
+    over = budget_cutoff(rt, exchange, pricey, translator)
+    assert over is not None and over() is not None  # 200 tokens at 5000/M = 1.0 > 0.5
 
 
 async def test_limits_survive_a_restart(
