@@ -34,16 +34,21 @@ _PATH_SAFE = "/:?=&%@+,;!$'()*~-._"  # already-encoded paths and queries pass un
 
 
 class _Connection(ResponseHandler):
-    """aiohttp's response protocol, minus a no-op per body chunk.
+    """aiohttp's response protocol, minus two costs per body chunk.
 
     The body's reader asks the protocol to resume reading after every chunk it hands out,
     paused or not, and the protocol then feeds its parser an empty read and resumes the
     transport: for an SSE stream, one such round per event. A connection that never paused
     has nothing to resume (its parser was never paused either); one that ever paused keeps
     aiohttp's behaviour for good, since its parser can stay paused past the resume.
+
+    The read timeout: aiohttp cancels its timer and starts a new one on every read (on
+    uvloop a libuv timer handle opened and closed per SSE event). Here a read only moves the
+    deadline on; the one timer, when it fires early, waits again for what is left.
     """
 
     _ever_paused = False
+    _read_deadline = 0.0  # loop time at which the current read timeout runs out
 
     def pause_reading(self) -> None:
         self._ever_paused = True
@@ -52,6 +57,23 @@ class _Connection(ResponseHandler):
     def resume_reading(self, *args: Any, **kwargs: Any) -> None:
         if self._ever_paused:
             super().resume_reading(*args, **kwargs)
+
+    def _reschedule_timeout(self) -> None:
+        timeout = self._read_timeout
+        if not timeout:
+            self._drop_timeout()
+            return
+        self._read_deadline = self._loop.time() + timeout
+        if self._read_timeout_handle is None:
+            self._read_timeout_handle = self._loop.call_at(self._read_deadline, self._read_due)
+
+    def _read_due(self) -> None:
+        left = self._read_deadline - self._loop.time()
+        if left > 0.001:  # data came meanwhile (a timer may also fire a tick early)
+            self._read_timeout_handle = self._loop.call_at(self._read_deadline, self._read_due)
+            return
+        self._read_timeout_handle = None
+        self._on_read_timeout()
 
 
 class ConnectFailed(Exception):

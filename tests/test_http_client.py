@@ -10,10 +10,13 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionError
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.streams import StreamReader
 from aiohttp.test_utils import TestServer
 
 from gateway.http_client import ConnectFailed, Pool
@@ -34,6 +37,7 @@ class Echo:
         app.router.add_post("/v1/close", self.close)
         app.router.add_post("/v1/chunked", self.chunked)
         app.router.add_post("/v1/slow", self.slow)
+        app.router.add_post("/v1/trickle", self.trickle)
         return app
 
     def _seen(self, request: web.Request) -> None:
@@ -70,6 +74,20 @@ class Echo:
         self._seen(request)
         await asyncio.sleep(1)
         return web.Response(body=b"{}")
+
+    async def trickle(self, request: web.Request) -> web.StreamResponse:
+        """12 chunks 50 ms apart; with ?stall, then 5 s of silence before the end."""
+        self._seen(request)
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for _ in range(12):
+            await response.write(b"a")
+            await asyncio.sleep(0.05)
+        if "stall" in request.query:
+            await asyncio.sleep(5)
+        await response.write_eof()
+        return response
 
 
 @pytest.fixture
@@ -226,6 +244,51 @@ async def test_read_timeout_and_refused_connection(echo: tuple[Echo, TestServer]
     refused = Pool(f"http://127.0.0.1:{port}/v1", {}, connect_timeout=2)
     with pytest.raises(ConnectFailed):
         await refused.post("/echo", b"{}", 1)
+
+
+async def read_all(payload: StreamReader) -> bytes:
+    body = b""
+    while chunk := await payload.readany():
+        body += chunk
+    return body
+
+
+async def test_the_read_timeout_bounds_each_wait_not_the_whole_body(
+    echo: tuple[Echo, TestServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, server = echo
+    pool = Pool(base_url(server), {}, connect_timeout=2)
+    loop = asyncio.get_running_loop()
+    timers = 0
+    call_at = loop.call_at
+
+    def counted(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        nonlocal timers
+        owner = getattr(callback, "__self__", None)
+        timers += isinstance(owner, ResponseHandler)  # the connection's read timers only
+        return call_at(when, callback, *args, **kwargs)
+
+    # 0.6 s of chunks 50 ms apart under a 0.2 s read timeout: read whole
+    monkeypatch.setattr(loop, "call_at", counted)
+    started = loop.time()
+    proto, _, payload = await pool.post("/trickle", b"{}", 0.2)
+    assert await asyncio.wait_for(read_all(payload), 3) == b"a" * 12
+    assert loop.time() - started > 0.5
+    monkeypatch.undo()
+    # a timer per wait that ran out early (a few), not one per chunk (aiohttp's way: 14)
+    assert timers <= 6, timers
+    pool.release(proto, payload)
+    # the same chunks, then 5 s of silence: the wait after the last chunk times out
+    proto, _, payload = await pool.post("/trickle?stall", b"{}", 0.2)
+    body = b""
+    with pytest.raises(TimeoutError):
+        while chunk := await asyncio.wait_for(payload.readany(), 3):
+            body += chunk
+            last = loop.time()
+    assert body == b"a" * 12
+    assert 0.15 < loop.time() - last < 1.5
+    pool.release(proto, payload)
+    await pool.close()
 
 
 async def test_https_verifies_the_certificate_and_keeps_alive(
