@@ -117,7 +117,9 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         rt.leave()
         del state.in_flight[id(exchange)]
-        _account(request, exchange, state)
+        # once aiohttp has handed the answer to the socket (the rest of this step): the client
+        # need not wait for its usage record, metrics and log line
+        asyncio.get_running_loop().call_soon(_account, request, exchange, state)
 
 
 async def _quiet(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -523,6 +523,41 @@ async def test_a_stream_the_client_cuts_is_billed_for_what_was_streamed(
     assert record.cost > 0
 
 
+async def test_the_answer_leaves_before_its_accounting_is_done(
+    make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the usage record, metrics and log line come after the answer is handed to the socket:
+    # an accounting step that blocks the loop for a second does not delay the client
+    from gateway import app as app_module
+
+    account = app_module._account
+
+    def slow_account(*args: Any) -> None:
+        time.sleep(1.0)
+        account(*args)
+
+    monkeypatch.setattr(app_module, "_account", slow_account)
+    gateway = await make_gateway()
+    client = gateway.client()
+
+    def ask() -> float:
+        started = time.perf_counter()
+        client.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
+        return time.perf_counter() - started
+
+    await asyncio.to_thread(ask)  # the SDK's first call sets itself up: seconds, here
+    await gateway.records_once_written()
+    assert await asyncio.to_thread(ask) < 0.8
+
+    async def both_recorded() -> list[Any]:
+        while len(records := await gateway.records()) < 2:
+            await asyncio.sleep(0.05)
+        return records
+
+    records = await asyncio.wait_for(both_recorded(), 5)
+    assert [(r.status, r.outcome) for r in records] == [(200, "ok")] * 2
+
+
 async def test_a_client_gone_while_the_gateway_writes_is_recorded_as_499(
     make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
