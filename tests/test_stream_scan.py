@@ -179,3 +179,22 @@ def test_content_chars_refuses_what_it_cannot_read() -> None:
     assert content_chars(b'{"logprobs":{"content":[]}}') == -1
     assert content_chars(b'{"message":{"content":"x"},"delta":{"content":"x"}}') == -1
     assert content_chars(b'{"delta":{"content": "spaced"}}') == -1
+
+
+@pytest.mark.parametrize(
+    "between",
+    [
+        b": ping\n\n",
+        b"event: chunk\n",
+        b"id: 7\n",
+        b"\n",
+        b"retry: 10\n\n",
+        b"x" + chunk_with("not data"),  # a field no client reads: the event has no data
+    ],
+    ids=["comment", "event-field", "id-field", "extra-blank", "retry", "unknown-field"],
+)
+def test_other_sse_lines_among_plain_events_go_to_the_parse(between: bytes) -> None:
+    # only reads of nothing but `data: {...}` events and their blank lines are scanned
+    plain = [chunk_with(f"word {i} ") for i in range(6)]
+    raw = plain[0] + b"".join(plain[1:3]) + between + b"".join(plain[3:]) + b"data: [DONE]\n\n"
+    assert assert_same(raw, "openai/gpt-4o", False, [len(plain[0])]) is False

@@ -193,20 +193,21 @@ class OpenAIChat(_PassThrough):
         """
         if not events:
             return b""
-        n = events.count(b"\n\n")
+        # n events: every line break is one of the n blank lines that end them (the caller
+        # has turned away reads with a CR), and each but the last is followed by the next
+        n = events.count(b"\n\ndata: {") + 1
         if (
             not events.startswith(b"data: {")
             or not events.endswith(b"}\n\n")
             or events.count(b"\n") != 2 * n
-            or events.count(b"\n\ndata: {") != n - 1
-            or events.find(b"\r") >= 0
             or events.find(b'"error"') >= 0
             or events.count(b'"model"') != n
             or events.count(self._model_from) != n
         ):
             return None
-        nulls = events.count(b'"usage":null')
-        if events.count(b'"usage"') != nulls:
+        usages = events.count(b'"usage"')
+        nulls = events.count(b'"usage":null') if usages else 0
+        if usages != nulls:
             return None
         chars = content_chars(events)
         if chars < 0:
@@ -251,7 +252,10 @@ class OpenAISpeech(_PassThrough):
 
 
 # a delta's content, its first key (after the role in a stream's first chunk): a string or null
-_CONTENT = re.compile(rb'"delta":\{(?:"role":"assistant",)?"content":(?:"((?:[^"\\]|\\.)*)"|null)')
+_CONTENT = re.compile(
+    rb'"delta":\{(?:"role":"assistant",)?"content":'
+    rb'(?:"([^"\\]*(?:\\.[^"\\]*)*)"|null)'  # runs of plain characters between escapes
+)
 
 
 def content_chars(events: bytes) -> int:
