@@ -26,13 +26,15 @@ def parse(argv: Sequence[str] | None) -> Options:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--scenario", action="append", choices=SCENARIOS, help="repeatable; default all")
     p.add_argument("--quick", action="store_true", help="short smoke run (default: nonstream-32)")
-    p.add_argument("--duration", type=float, help="seconds per measurement (default 8, quick 1)")
+    p.add_argument("--duration", type=float, help="seconds per measurement (default 4, quick 1)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up before each (default 1)")
     p.add_argument("--streams", type=int, help="concurrent streams in 'stream' (default 200)")
     p.add_argument("--hold", type=int, help="slow streams held at once (default 5000)")
     p.add_argument("--hold-seconds", type=float, help="life of one slow stream (default 15)")
     p.add_argument("--hold-rate", type=float, help="slow streams opened per second (default 1000)")
-    p.add_argument("--repeat", type=int, default=1, help="runs per target, keep the fastest")
+    p.add_argument(
+        "--repeat", type=int, help="runs per target, alternating; keep the fastest (default 3)"
+    )
     p.add_argument("--loadgen", choices=("auto", "wrk", "builtin"), default="auto")
     p.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
     p.add_argument(
@@ -43,13 +45,13 @@ def parse(argv: Sequence[str] | None) -> Options:
     quick = ns.quick
     opts = Options(
         scenarios=ns.scenario or (["nonstream-32"] if quick else list(SCENARIOS)),
-        duration=ns.duration or (1.0 if quick else 8.0),
+        duration=ns.duration or (1.0 if quick else 4.0),
         warmup=ns.warmup if ns.warmup is not None else (0.3 if quick else 1.0),
         stream_concurrency=ns.streams or 200,
         hold_streams=ns.hold or (500 if quick else 5000),
         hold_seconds=ns.hold_seconds or (3.0 if quick else 15.0),
         hold_rate=ns.hold_rate or 1000.0,
-        repeat=max(1, ns.repeat),
+        repeat=max(1, ns.repeat or (1 if quick else 3)),
         loadgen=ns.loadgen,
         install=not ns.no_install,
         profile=ns.profile,

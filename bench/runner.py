@@ -38,13 +38,13 @@ NO_ANTHROPIC = "skipped: gateway has no anthropic provider kind"
 @dataclass
 class Options:
     scenarios: list[str]
-    duration: float = 8.0
+    duration: float = 4.0
     warmup: float = 1.0
     stream_concurrency: int = 200
     hold_streams: int = 5000
     hold_seconds: float = 15.0
     hold_rate: float = 1000.0  # slow streams opened per second
-    repeat: int = 1  # measure each target this many times, alternating; keep the fastest
+    repeat: int = 3  # measure each target this many times, alternating; keep the fastest
     loadgen: str = "auto"  # auto | wrk | builtin
     profile: bool = False  # sample bare and gateway with py-spy while measured
     install: bool = True  # apt-get install wrk when it is missing
