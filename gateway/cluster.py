@@ -301,6 +301,11 @@ class RedisTicket:
         self._settled = True
         self._limiter._settle_soon(self, tokens, cost)
 
+    def reservation_holds(self) -> bool:
+        """Always: `exceeded` measures against what was left at admission, which counted
+        the whole reservation."""
+        return True
+
     def exceeded(self, tokens_so_far: int, cost_so_far: float) -> bool:
         """Whether real usage crosses the daily tokens or the budget, as of the admission
         (what the fleet had used then, plus this request's real usage)."""

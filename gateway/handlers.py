@@ -241,9 +241,10 @@ def budget_cutoff(
     """A check, run after each streamed chunk, that ends a stream whose real usage crosses
     the key's daily token quota or budget (when the config says to cut such streams).
 
-    Within the output it reserved the stream cannot cross them: admission counted that
-    reservation against both. So the quota is only looked at once the stream outgrows it
-    (a request that overshoots is the one cut), not after every chunk.
+    Within the output it reserved the stream cannot cross them, since admission counted
+    that reservation against both, unless another request has since used more than it
+    reserved: so the quota is looked at only once the stream outgrows its reservation or
+    the key is overdrawn, not after every chunk.
     """
     ticket = exchange.ticket
     if ticket is None or not ticket.bounded or not rt.config.limits.cut_off_streams:
@@ -258,7 +259,7 @@ def budget_cutoff(
 
     def over() -> GatewayError | None:
         output = translator.usage.estimate_output()
-        if output <= reserved:
+        if output <= reserved and ticket.reservation_holds():
             return None
         usage = Usage(prompt_tokens=prompt, completion_tokens=output)
         if ticket.exceeded(usage.total_tokens, cost_of(model, usage)):

@@ -303,6 +303,9 @@ class _KeyState:
     # reserved by requests in flight, counted against every period
     held_tokens: int = 0
     held_cost: float = 0.0
+    # bumped when a request uses more than it reserved (or usage is restored): reservations
+    # admitted before may no longer fit the daily tokens or the budget
+    overdrawn: int = 0
     inflight: int = 0
     used: bool = False
     refused: bool = False
@@ -331,6 +334,7 @@ class Ticket:
     _tokens: int
     _cost: float
     _snapshot: _Snapshot
+    _overdrawn: int  # the key's `overdrawn` at admission
     _settled: bool = False
     _headers: dict[str, str] | None = None
     # Soft-limit text for a response header, or None.
@@ -348,6 +352,12 @@ class Ticket:
         """Whether a daily token quota or a budget applies, so that a stream may be cut."""
         return bool(self._limits.tokens_per_day or self._limits.budget)
 
+    def reservation_holds(self) -> bool:
+        """Whether usage within this request's reservation still fits the daily tokens and the
+        budget: admission made room for all of it, and no request has used more than it
+        reserved since (which alone can take that room back)."""
+        return self._state.overdrawn == self._overdrawn
+
     def settle(self, tokens: int, cost: float) -> None:
         """Replace the reservation by the real usage (0, 0 for a failed request). Idempotent."""
         if self._settled:
@@ -361,6 +371,8 @@ class Ticket:
             tokens = 0
         if cost < 0.0:
             cost = 0.0
+        if tokens > self._tokens or cost > self._cost:
+            st.overdrawn += 1
         st.inflight -= 1
         if st.inflight <= 0:  # also drops the float residue of the held cost
             st.inflight = 0
@@ -398,9 +410,11 @@ class Ticket:
             if tokens_so_far > self._tokens:
                 st.held_tokens += tokens_so_far - self._tokens
                 self._tokens = tokens_so_far
+                st.overdrawn += 1
             if cost_so_far > self._cost:
                 st.held_cost += cost_so_far - self._cost
                 self._cost = cost_so_far
+                st.overdrawn += 1
             # what the others hold, plus this request's real usage rather than its estimate
             tokens = st.held_tokens - self._tokens + tokens_so_far
             cost = st.held_cost - self._cost + cost_so_far
@@ -426,6 +440,8 @@ class Admission(Protocol):
     def settle(self, tokens: int, cost: float) -> None: ...
 
     def exceeded(self, tokens_so_far: int, cost_so_far: float) -> bool: ...
+
+    def reservation_holds(self) -> bool: ...
 
 
 # --- limiter --------------------------------------------------------------------------------
@@ -599,7 +615,7 @@ class Limiter:
 
         # the header numbers as of now; the dict is built only if the caller asks for it
         snapshot = self._snapshot(st, limits, ip, ei, now, w)
-        ticket = Ticket(self, st, limits, est_tokens, est_tokens, est_cost, snapshot)
+        ticket = Ticket(self, st, limits, est_tokens, est_tokens, est_cost, snapshot, st.overdrawn)
         # the soft limit counts settled usage only: a large reservation is no sign of use
         if (tpd and st.day_tokens >= self._soft * tpd) or (budget and spent >= self._soft * budget):
             ticket.warning = self._soft_warning(key_id, st, limits, w)
@@ -861,6 +877,7 @@ class Limiter:
         """
         self._tick()
         st = self._state(key_id)
+        st.overdrawn += 1
         st.day_requests = day_requests
         st.day_tokens = day_tokens
         st.used = st.used or day_requests > 0

@@ -384,6 +384,30 @@ def test_exceeded_answers_mid_stream_against_settled_and_held_usage() -> None:
     assert not b.exceeded(0, 0.9)
 
 
+def test_a_reservation_holds_until_a_request_uses_more_than_it_reserved() -> None:
+    # a stream within its reservation needs no check while this holds (handlers.budget_cutoff)
+    limiter, _ = make()
+    limits = EffectiveLimits(tokens_per_day=1000, budget=1.0, budget_period="day")
+    stream = admit(limiter, limits, tokens=500, cost=0.5)
+    admit(limiter, limits, tokens=100).settle(100, 0.0)  # as reserved, or less
+    admit(limiter, limits, tokens=100).settle(0, 0.0)
+    assert stream.reservation_holds()
+    # a request that used more than it reserved takes back room the stream was counted in
+    admit(limiter, limits, tokens=100).settle(401, 0.0)
+    assert not stream.reservation_holds()
+    assert not stream.exceeded(400, 0.5)  # 100 + 401 settled + 400: within 1000
+    assert stream.exceeded(500, 0.5)  # + 500: the whole reservation no longer fits
+    # a cost beyond the reserved one overdraws too, and so does a stream outgrowing its own
+    limiter, _ = make()
+    held = admit(limiter, limits, tokens=10, cost=0.1)
+    admit(limiter, limits, tokens=10, cost=0.1).settle(10, 0.2)
+    assert not held.reservation_holds()
+    growing = admit(limiter, limits, tokens=10, cost=0.1)
+    assert growing.reservation_holds()
+    assert not growing.exceeded(20, 0.1)  # past its own reservation: now held, and said
+    assert not growing.reservation_holds()
+
+
 def test_usage_beyond_the_estimate_is_released_with_the_reservation() -> None:
     limiter, _ = make()
     limits = EffectiveLimits(tokens_per_day=1000)

@@ -377,10 +377,13 @@ models = [
     assert checks == sorted(checks)  # the stream's usage so far, growing
 
 
-def test_a_fallback_pricier_than_the_admitted_model_is_checked_every_chunk() -> None:
+def test_a_pricier_fallback_or_an_overdrawn_key_is_checked_every_chunk() -> None:
     # admission priced the first deployment; a pricier fallback can cross the budget within
     # the reserved tokens, so its stream is checked from its first chunk
-    ticket = SimpleNamespace(bounded=True, exceeded=lambda tokens, cost: cost > 0.5)
+    holds = [True]
+    ticket = SimpleNamespace(
+        bounded=True, exceeded=lambda tokens, cost: cost > 0.5, reservation_holds=lambda: holds[0]
+    )
     rt: Any = SimpleNamespace(config=SimpleNamespace(limits=SimpleNamespace(cut_off_streams=True)))
     exchange: Any = SimpleNamespace(
         ticket=ticket, prompt_estimate=100, output_estimate=1000, cost_estimate=0.0011
@@ -392,6 +395,13 @@ def test_a_fallback_pricier_than_the_admitted_model_is_checked_every_chunk() -> 
     assert over is not None and over() is None
     over = budget_cutoff(rt, exchange, pricey, translator)
     assert over is not None and over() is not None  # 200 tokens at 5000/M = 1.0 > 0.5
+    # within the reservation, once the key is overdrawn (another request used more than it
+    # reserved), every chunk is checked again
+    holds[0] = False
+    checked = []
+    ticket.exceeded = lambda tokens, cost: checked.append(tokens) or False
+    over = budget_cutoff(rt, exchange, cheap, translator)
+    assert over is not None and over() is None and checked == [200]
 
 
 async def test_limits_survive_a_restart(
