@@ -63,9 +63,12 @@ class _Connection(ResponseHandler):
         if not timeout:
             self._drop_timeout()
             return
-        self._read_deadline = self._loop.time() + timeout
-        if self._read_timeout_handle is None:
-            self._read_timeout_handle = self._loop.call_at(self._read_deadline, self._read_due)
+        deadline = self._read_deadline = self._loop.time() + timeout
+        handle = self._read_timeout_handle
+        if handle is None or handle.when() > deadline:  # (a shorter timeout than the last)
+            if handle is not None:
+                handle.cancel()
+            self._read_timeout_handle = self._loop.call_at(deadline, self._read_due)
 
     def _read_due(self) -> None:
         left = self._read_deadline - self._loop.time()

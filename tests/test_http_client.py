@@ -19,7 +19,7 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.streams import StreamReader
 from aiohttp.test_utils import TestServer
 
-from gateway.http_client import ConnectFailed, Pool
+from gateway.http_client import ConnectFailed, Pool, _Connection
 
 
 class Echo:
@@ -289,6 +289,18 @@ async def test_the_read_timeout_bounds_each_wait_not_the_whole_body(
     assert 0.15 < loop.time() - last < 1.5
     pool.release(proto, payload)
     await pool.close()
+
+
+async def test_a_shorter_read_timeout_than_the_armed_one_runs_out_first() -> None:
+    # a pooled connection can keep a stream's long read timer into a non-stream call
+    loop = asyncio.get_running_loop()
+    conn = _Connection(loop)
+    conn.read_timeout = 5.0
+    conn.start_timeout()
+    conn.read_timeout = 0.1
+    conn.start_timeout()
+    await asyncio.sleep(0.4)
+    assert isinstance(conn.exception(), TimeoutError)
 
 
 async def test_https_verifies_the_certificate_and_keeps_alive(
