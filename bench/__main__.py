@@ -51,7 +51,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         hold_streams=ns.hold or (500 if quick else 5000),
         hold_seconds=ns.hold_seconds or (3.0 if quick else 15.0),
         hold_rate=ns.hold_rate or 1000.0,
-        repeat=max(1, ns.repeat or (1 if quick else 3)),
+        repeat=max(1, ns.repeat if ns.repeat is not None else (1 if quick else 3)),
         loadgen=ns.loadgen,
         install=not ns.no_install,
         profile=ns.profile,

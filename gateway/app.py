@@ -116,10 +116,10 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         raise
     finally:
         rt.leave()
-        del state.in_flight[id(exchange)]
         # once aiohttp has handed the answer to the socket (the rest of this step): the client
-        # need not wait for its usage record, metrics and log line
-        asyncio.get_running_loop().call_soon(_account, request, exchange, state)
+        # need not wait for its usage record, metrics and log line; it stays in flight (for
+        # a drain) until they are done
+        asyncio.get_running_loop().call_soon(_settle, request, exchange, state)
 
 
 async def _quiet(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -174,6 +174,16 @@ def _request_id(request: web.Request) -> str:
 def _client_ip(request: web.Request, state: GatewayState) -> str:
     forwarded = request.headers.get("X-Forwarded-For")
     return state.limiter.client_ip(request.remote, forwarded) or ""
+
+
+def _settle(request: web.Request, exchange: Exchange, state: GatewayState) -> None:
+    """Account for a request that has ended; never raises (it runs as a loop callback)."""
+    try:
+        _account(request, exchange, state)
+    except Exception:
+        log.exception("accounting failed for request %s", exchange.request_id)
+    finally:
+        del state.in_flight[id(exchange)]
 
 
 def _account(request: web.Request, exchange: Exchange, state: GatewayState) -> None:

@@ -531,8 +531,10 @@ async def test_the_answer_leaves_before_its_accounting_is_done(
     from gateway import app as app_module
 
     account = app_module._account
+    in_flight = []
 
     def slow_account(*args: Any) -> None:
+        in_flight.append(len(args[2].in_flight))  # still counted, for a drain to wait on
         time.sleep(1.0)
         account(*args)
 
@@ -556,6 +558,27 @@ async def test_the_answer_leaves_before_its_accounting_is_done(
 
     records = await asyncio.wait_for(both_recorded(), 5)
     assert [(r.status, r.outcome) for r in records] == [(200, "ok")] * 2
+    assert in_flight == [1, 1] and gateway.state.in_flight == {}
+
+
+async def test_a_bug_in_accounting_is_logged_and_the_request_leaves_the_in_flight_set(
+    make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gateway import app as app_module
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app_module, "_account", broken)
+    gateway = await make_gateway()
+    answer = await gateway.aclient().chat.completions.create(
+        model="openai/gpt-4o", messages=MESSAGES
+    )
+    assert answer.choices
+    await asyncio.sleep(0.05)  # the accounting callback's turn
+    assert gateway.state.in_flight == {}
+    [logged] = [r for r in caplog.records if r.getMessage().startswith("accounting failed")]
+    assert logged.exc_info is not None and "a bug" in str(logged.exc_info[1])
 
 
 async def test_a_client_gone_while_the_gateway_writes_is_recorded_as_499(
