@@ -33,7 +33,7 @@ def parse(argv: Sequence[str] | None) -> Options:
     p.add_argument("--hold-seconds", type=float, help="life of one slow stream (default 15)")
     p.add_argument("--hold-rate", type=float, help="slow streams opened per second (default 1000)")
     p.add_argument(
-        "--repeat", type=int, help="runs per target, alternating; keep the fastest (default 3)"
+        "--repeat", type=int, help="runs per target, in turn; report the median pair (default 3)"
     )
     p.add_argument("--loadgen", choices=("auto", "wrk", "builtin"), default="auto")
     p.add_argument("--no-install", action="store_true", help="never apt-get install wrk")

@@ -18,6 +18,8 @@ from bench.httpclient import Connection
 from bench.loadgen import Builtin, parse_wrk
 from bench.payloads import chat_load, large_body
 from bench.procs import compile_bytecode
+from bench.report import Row
+from bench.runner import pick
 
 ROOT = Path(__file__).parent.parent
 
@@ -126,3 +128,19 @@ def test_bytecode_is_written_before_start_up_is_timed(
     assert compile_bytecode("benchpkg", "no_such_module_here") == "compiled for benchpkg"
     assert list((package / "sub" / "__pycache__").glob("mod.*.pyc"))
     assert compile_bytecode("no_such_module_here").startswith("not compiled")
+
+
+def test_bare_and_gateway_are_reported_from_the_same_repeat_the_median_ratio() -> None:
+    # bare's second repeat caught a fast moment that gateway's did not: pairs, not bests
+    rps = {"upstream": [900, 950, 920], "bare": [100, 160, 110], "gateway": [90, 95, 100]}
+    runs = {t: [Row(t, "nonstream-32", rps=r) for r in rs] for t, rs in rps.items()}
+    chosen = pick(runs)  # ratios 0.90, 0.59, 0.91: the median is the first repeat's
+    assert [(row.target, row.rps) for row in chosen] == [
+        ("upstream", 900),
+        ("bare", 100),
+        ("gateway", 90),
+    ]
+    assert "repeat 1 of 3" in chosen[1].note and "100, 160, 110" in chosen[1].note
+    # without both proxies (the workers scenario): each target's fastest
+    runs = {t: [Row(t, "workers", rps=r) for r in rs] for t, rs in {"gateway": [5, 7, 6]}.items()}
+    assert [row.rps for row in pick(runs)] == [7]
