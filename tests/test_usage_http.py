@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from gateway.auth import hash_key, new_key
-from gateway.usage_types import NANO
+from gateway.usage_types import NANO, UsageRecord
 
 from .conftest import CLIENT_KEY, Fakes, Gateway, MakeGateway, gateway_toml
 from .fakes.anthropic_upstream import snapshot
@@ -581,24 +581,25 @@ async def test_a_bug_in_accounting_is_logged_and_the_request_leaves_the_in_fligh
     assert logged.exc_info is not None and "a bug" in str(logged.exc_info[1])
 
 
-async def test_a_client_gone_while_the_gateway_writes_is_recorded_as_499(
-    make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    # e.g. a keep-alive comment written to a client that left while the upstream thought:
-    # the write fails with ConnectionResetError on a closing transport
+async def records_of_a_broken_models_call(
+    make_gateway: MakeGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    after_admission: Callable[[web.Request], Awaitable[None]],
+) -> list[UsageRecord]:
+    """GET /v1/models, whose handler admits the key and then runs `after_admission`, which
+    must end the client's call with a cut connection; the usage records it left."""
     from gateway import handlers
 
     admit = handlers.admit
 
-    async def admitted_then_gone(request: web.Request) -> web.StreamResponse:
+    async def broken(request: web.Request) -> web.StreamResponse:
         _, principal = handlers.authenticate(request)
         await admit(request, principal, None, {}, "models")
-        assert request.transport is not None
-        request.transport.close()
-        raise ConnectionResetError("Cannot write to closing transport")
+        await after_admission(request)
+        raise AssertionError("after_admission must raise")
 
-    admitted_then_gone.__name__ = "list_models"
-    monkeypatch.setattr(handlers, "list_models", admitted_then_gone)
+    broken.__name__ = "list_models"
+    monkeypatch.setattr(handlers, "list_models", broken)
     gateway = await make_gateway()
     async with aiohttp.ClientSession() as session:
         with pytest.raises(aiohttp.ClientError):
@@ -606,7 +607,20 @@ async def test_a_client_gone_while_the_gateway_writes_is_recorded_as_499(
                 gateway.base_url + "/models", headers={"Authorization": f"Bearer {CLIENT_KEY}"}
             )
             await resp.read()
-    records = await gateway.records_once_written()
+    return await gateway.records_once_written()
+
+
+async def test_a_client_gone_while_the_gateway_writes_is_recorded_as_499(
+    make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # e.g. a keep-alive comment written to a client that left while the upstream thought:
+    # the write fails with ConnectionResetError on a closing transport
+    async def gone(request: web.Request) -> None:
+        assert request.transport is not None
+        request.transport.close()
+        raise ConnectionResetError("Cannot write to closing transport")
+
+    records = await records_of_a_broken_models_call(make_gateway, monkeypatch, gone)
     # (aiohttp's client may try the GET once more on a new connection)
     assert {(r.endpoint, r.status, r.outcome) for r in records} == {
         ("models", 499, "client_closed")
@@ -619,28 +633,13 @@ async def test_a_bug_after_the_answer_began_is_recorded_as_an_internal_error(
     make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the status is out, so the client's connection is cut; the record must not say "ok"
-    from gateway import handlers
-
-    admit = handlers.admit
-
-    async def begun_then_broken(request: web.Request) -> web.StreamResponse:
-        _, principal = handlers.authenticate(request)
-        await admit(request, principal, None, {}, "models")
+    async def begun_then_broken(request: web.Request) -> None:
         response = web.StreamResponse()
         await response.prepare(request)
         await response.write(b'{"object": "li')
         raise RuntimeError("a bug")
 
-    begun_then_broken.__name__ = "list_models"
-    monkeypatch.setattr(handlers, "list_models", begun_then_broken)
-    gateway = await make_gateway()
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(aiohttp.ClientError):
-            resp = await session.get(
-                gateway.base_url + "/models", headers={"Authorization": f"Bearer {CLIENT_KEY}"}
-            )
-            await resp.read()
-    records = await gateway.records_once_written()
+    records = await records_of_a_broken_models_call(make_gateway, monkeypatch, begun_then_broken)
     assert {(r.endpoint, r.status, r.outcome) for r in records} == {
         ("models", 500, "internal_error")
     }
