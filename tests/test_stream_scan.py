@@ -70,14 +70,17 @@ def assert_same(raw: bytes, requested: str, wants_usage: bool, cuts: list[int]) 
     calls = []
     real = scanned._scanned
 
-    def spy(data: bytes) -> bytes | None:
-        result = real(data)
+    def spy(data: bytes, counted: bool = True) -> bytes | None:
+        result = real(data, counted)
         calls.append(result is not None)
         return result
 
     scanned._scanned = spy  # type: ignore[method-assign]
     got = by_reads(raw, scanned, cuts)
     assert events(got) == events(expected)
+    if reference.usage.reported:  # content is not counted in the read that brings the count
+        assert scanned.usage.streamed_chars <= reference.usage.streamed_chars
+        scanned.usage.streamed_chars = reference.usage.streamed_chars
     assert scanned.usage == reference.usage
     assert scanned.complete and reference.complete
     return any(calls)
@@ -104,9 +107,31 @@ def test_plain_reads_are_scanned_and_the_rest_parsed() -> None:
     raw = (FIXTURES / "chat-stream-include-usage-text-after-tool.sse").read_bytes()
     assert assert_same(raw, "openai/gpt-4o-mini", False, []) is True
     assert assert_same(raw, "openai/gpt-4o-mini", True, []) is True
-    # logprobs hold "content" lists: never scanned, parsed
+    # logprobs hold "content" lists: a read whose content must be counted is parsed, one
+    # that brings the upstream's count as well is scanned
     raw = (FIXTURES / "chat-stream-logprobs.sse").read_bytes()
-    assert assert_same(raw, "openai/gpt-4o", False, []) is False
+    before_usage = raw.rindex(b"data: {")
+    assert assert_same(raw, "openai/gpt-4o", False, [before_usage]) is False
+    assert assert_same(raw, "openai/gpt-4o", False, []) is True
+
+
+def test_content_is_counted_unless_the_same_read_brings_the_upstreams_count() -> None:
+    raw = (FIXTURES / "chat-stream-include-usage-text-after-tool.sse").read_bytes()
+    content = "".join(
+        c["delta"].get("content") or ""
+        for e in events(raw)
+        if isinstance(e, dict)
+        for c in e["choices"]
+    )
+    before_usage = raw.rindex(b"data: {")
+    apart = translator("openai/gpt-4o-mini", False)
+    by_reads(raw, apart, [before_usage])
+    assert apart.usage.streamed_chars == len(content) > 0
+    whole = translator("openai/gpt-4o-mini", False)
+    by_reads(raw, whole, [])
+    # the first event is parsed (it shows the model's spelling); the rest is not counted
+    assert whole.usage.streamed_chars == 0
+    assert (whole.usage.completion_tokens, whole.usage.reported) == (9, True)
 
 
 def test_the_gateways_usage_chunk_is_dropped_and_usage_counted() -> None:

@@ -108,12 +108,14 @@ class OpenAIChat(_PassThrough):
             out = self._parsed(chunk[:first])
             if not self._model_from:
                 return self._parsed(chunk[first:], out)
-        # the usage chunk and [DONE] that end a stream are parsed, the events before scanned
+        # the usage chunk and [DONE] that end a stream are parsed, the events before scanned;
+        # their content is not counted when the upstream's own count comes in the same read
         end = len(chunk) - len(DONE) if chunk.endswith(DONE) else len(chunk)
         if chunk.find(b'"usage":{', first) >= 0:
             last = chunk.rfind(b"\n\ndata: {", first, end)
             end = last + 2 if last >= 0 else first
-        scanned = self._scanned(chunk[first:end])
+        counted = chunk.find(b'"completion_tokens":', end) < 0
+        scanned = self._scanned(chunk[first:end], counted)
         if scanned is None:
             return self._parsed(chunk[first:], out)
         return self._parsed(chunk[end:], out + scanned) if end < len(chunk) else out + scanned
@@ -175,21 +177,22 @@ class OpenAIChat(_PassThrough):
         obj["model"] = self.requested
         return encode(orjson.dumps(obj))
 
-    def _scanned(self, events: bytes) -> bytes | None:
+    def _scanned(self, events: bytes, counted: bool = True) -> bytes | None:
         """A read of whole, plain chunk events, changed as `_event` would change them (the
         model name, the `"usage":null` that only the gateway asked for) with a few scans of
         its bytes instead of a parse and re-encode of each event (for a stream's twenty-odd
         events those cost over half of what a bare proxy spends forwarding the whole stream);
         None when anything in it needs the parse: an error, a usage object, a model name
         spelled differently, any other shape. The JSON is not checked: a client gets the
-        upstream's own bytes, as from any proxy.
+        upstream's own bytes, as from any proxy. The characters of its content are counted
+        unless not `counted` (the upstream's count of the stream follows in the same read).
 
         In valid JSON a quote that is not escaped only delimits strings, and raw line breaks
-        only stand between values, so `"model"`, `"content":` and the event framing found in
-        the bytes are what they look like, never text inside a string. Counts are per read,
-        not per event: an event missing its top-level `model` while another nests an object
-        with `"model"` (or `"usage":null`) would be changed unlike the parse; no
-        OpenAI-compatible server sends that shape.
+        only stand between values, so the model's `"model":"..."`, `"content":` and the event
+        framing found in the bytes are what they look like, never text inside a string.
+        Counts are per read, not per event: an event missing its top-level `model` while
+        another holds the model's spelling twice (or `"usage":null` twice) would be changed
+        unlike the parse; no OpenAI-compatible server sends that shape.
         """
         if not events:
             return b""
@@ -201,25 +204,25 @@ class OpenAIChat(_PassThrough):
             or not events.endswith(b"}\n\n")
             or events.count(b"\n") != 2 * n
             or events.find(b'"error"') >= 0
-            or events.count(b'"model"') != n
-            or events.count(self._model_from) != n
         ):
             return None
         usages = events.count(b'"usage"')
         nulls = events.count(b'"usage":null') if usages else 0
         if usages != nulls:
             return None
-        chars = content_chars(events)
+        chars = content_chars(events) if counted else 0
         if chars < 0:
             return None
         if nulls and not self.client_wants_usage:
             if events.count(b',"usage":null') != nulls:
                 return None
             events = events.replace(b',"usage":null', b"")
-        if self._model_from != self._model_to:
-            events = events.replace(self._model_from, self._model_to)
+        # one pass finds the model's n spellings and the pieces between them
+        pieces = events.split(self._model_from)
+        if len(pieces) != n + 1:
+            return None
         self.usage.streamed_chars += chars
-        return events
+        return self._model_to.join(pieces)
 
 
 @register("openai", "embeddings")
