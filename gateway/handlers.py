@@ -9,6 +9,7 @@ middleware in ``app.py``, which also records usage and logs the request.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import date
@@ -216,15 +217,14 @@ async def forward_stream(
     sse = endpoint == "chat"
     watch: StreamWatch | None = None
     try:
-        if sse:
-            if response is None:
-                response = await prepare_sse(request)
-            timeouts = StreamTimeouts(
-                idle=p.idle_timeout or s.idle_timeout,
-                total=s.stream_timeout,
-                keepalive=s.keepalive_interval,
-            )
-            watch = StreamWatch(response, timeouts, p.name, answer.upstream)
+        if sse and response is None:
+            response = await prepare_sse(request)
+        timeouts = StreamTimeouts(
+            idle=p.idle_timeout or s.idle_timeout,
+            total=s.stream_timeout,
+            keepalive=s.keepalive_interval if sse else math.inf,  # (no comments in audio)
+        )
+        watch = StreamWatch(response, timeouts, p.name, answer.upstream)
         cutoff = budget_cutoff(rt, exchange, answer.deployment, answer.translator)
         halted.add_done_callback(lambda _: answer.upstream.abort())
         return await pipe(request, response, answer, exchange, watch, sse, cutoff)

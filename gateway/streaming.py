@@ -2,11 +2,12 @@
 
 A stream is piped once its upstream has produced a first output for the client (``Answer``);
 waiting for that, and the first-token timeout, are the handler's business. ``StreamWatch`` is
-one timer per piped stream. It sends an SSE comment (``: keep-alive``) whenever the client has
-heard nothing for ``keepalive`` seconds, and ends the stream with an error event when the
-upstream goes silent (``idle``) or runs past the whole-stream limit (``total``): it closes
-the upstream connection, which ends the read in ``pipe``, and ``pipe`` reports the timeout
-instead of the cut.
+one timer per piped stream, the only clock on its reads. It sends an SSE comment
+(``: keep-alive``) whenever the client has heard nothing for ``keepalive`` seconds (never in
+audio), and ends the stream when the upstream goes silent (``idle``) or runs past the
+whole-stream limit (``total``): it closes the upstream connection, which ends the read in
+``pipe``, and ``pipe`` reports the timeout instead of the cut (an error event; audio, which
+cannot hold one, ends cut).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class StreamWatch:
 
     def __init__(
         self,
-        response: web.StreamResponse,
+        response: web.StreamResponse | None,
         timeouts: StreamTimeouts,
         provider: str,
         upstream: UpstreamResponse,
@@ -108,7 +109,7 @@ class StreamWatch:
         elif now - self._started > t.total:
             self._expire(f"did not finish the stream within {t.total:g} s")
         else:
-            if now - self._last_client >= t.keepalive:
+            if now - self._last_client >= t.keepalive and self._response is not None:
                 self._last_client = now
                 self._keepalive = asyncio.ensure_future(_write_quietly(self._response, KEEPALIVE))
             self._handle = self._loop.call_later(self._tick_every, self._tick)

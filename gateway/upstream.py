@@ -7,7 +7,6 @@ here, so the request path never sees a library exception.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
@@ -72,14 +71,11 @@ class HTTPUpstream:
             **provider.headers,
         }
         timeout = provider.request_timeout or server.request_timeout
-        # The handler bounds a whole call (head and non-stream body) by the request's
-        # deadline, and the stream watch times an SSE stream (idle, total); the bounds here
-        # are outer ones: every read, and a stream's whole length (a binary audio stream
-        # has no watch).
-        idle = provider.idle_timeout or server.idle_timeout
+        # The handler bounds a call up to a whole non-stream body, or up to a stream's first
+        # output, by the request's deadline and the first-token timeout; from there the
+        # stream watch times the stream (idle, total). Every read of a non-stream answer is
+        # also bounded here, an outer bound.
         self._read_whole = timeout
-        self._read_stream = max(timeout, idle) + 1
-        self._total_stream = server.stream_timeout + 1
         self._connect_timeout = server.connect_timeout
         self._timeout = timeout
         self._pool: Pool | None = None
@@ -97,13 +93,11 @@ class HTTPUpstream:
         stream = call.stream
         try:
             proto, message, payload = await pool.post(
-                call.path, call.body, self._read_stream if stream else self._read_whole
+                call.path, call.body, None if stream else self._read_whole
             )
         except (TimeoutError, OSError, ClientError, HttpProcessingError, ConnectFailed) as e:
             raise self._error(e) from e
-        return _HTTPResponse(
-            self, pool, proto, message, payload, self._total_stream if stream else None
-        )
+        return _HTTPResponse(self, pool, proto, message, payload)
 
     def _error(self, e: BaseException) -> GatewayError:
         if isinstance(e, ConnectFailed):
@@ -121,12 +115,8 @@ class HTTPUpstream:
         )
 
 
-class _TotalTimeout(TimeoutError):
-    """The whole answer took longer than its bound."""
-
-
 class _HTTPResponse:
-    __slots__ = ("_done", "_payload", "_pool", "_proto", "_timer", "_upstream", "headers", "status")
+    __slots__ = ("_done", "_payload", "_pool", "_proto", "_upstream", "headers", "status")
 
     def __init__(
         self,
@@ -135,7 +125,6 @@ class _HTTPResponse:
         proto: ResponseHandler,
         message: RawResponseMessage,
         payload: StreamReader,
-        total: float | None,
     ) -> None:
         self._upstream = upstream
         self._pool = pool
@@ -144,9 +133,6 @@ class _HTTPResponse:
         self._done = False
         self.status = message.code
         self.headers: Mapping[str, str] = message.headers
-        self._timer = (
-            None if total is None else asyncio.get_running_loop().call_later(total, self._expire)
-        )
 
     async def read(self) -> bytes:
         try:
@@ -175,22 +161,13 @@ class _HTTPResponse:
         # stops an upstream generation the client abandoned.
         if not self._done:
             self._done = True
-            if self._timer is not None:
-                self._timer.cancel()
             self._pool.release(self._proto, self._payload)
 
     def abort(self) -> None:
         if self._done:  # handed back already: it may be another call's connection now
             return
         self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
         self._pool.abort(self._proto, self._payload)
-
-    def _expire(self) -> None:
-        if not self._payload.is_eof():
-            self._payload.set_exception(_TotalTimeout("the answer took too long"))
-        self._proto.close()
 
 
 def _buffered(content: StreamReader) -> bytes:

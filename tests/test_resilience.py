@@ -272,6 +272,42 @@ async def test_stream_idle_mid_stream_is_cut_with_an_error_event(make_gateway: M
     assert record.outcome == "upstream_timeout" and record.stream
 
 
+async def audio_then_silence(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
+    """A speech upstream that sends the start of the audio and then nothing."""
+    response = web.StreamResponse(headers={"Content-Type": "audio/mpeg"})
+    await response.prepare(request)
+    await response.write(b"ID3" + bytes(61))
+    await asyncio.sleep(30)
+    return response
+
+
+@pytest.mark.parametrize("limit", ["idle_timeout = 0.3", "stream_timeout = 0.5"])
+async def test_audio_stream_that_goes_silent_is_cut(make_gateway: MakeGateway, limit: str) -> None:
+    """Audio cannot carry an error event: past the idle or whole-stream limit the client's
+    connection is cut after the bytes that came, and the request is an upstream timeout."""
+    gateway = await make_gateway(server=f"retries = 0\n{limit}")
+    gateway.fake.next_behaviour(audio_then_silence)
+    started = time.monotonic()
+    received = b""
+    body = {"model": "openai/tts-1", "voice": "alloy", "input": "Hello there"}
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                gateway.base_url + "/audio/speech",
+                json=body,
+                headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            ) as response,
+        ):
+            assert (response.status, response.content_type) == (200, "audio/mpeg")
+            async for chunk in response.content.iter_any():
+                received += chunk
+    assert time.monotonic() - started < 3
+    assert received == b"ID3" + bytes(61)
+    [record] = await gateway.records()
+    assert (record.endpoint, record.outcome, record.stream) == ("speech", "upstream_timeout", True)
+
+
 async def headers_then_silence(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
     """An upstream that accepts a stream and never sends its first event."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
