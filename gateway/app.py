@@ -119,7 +119,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         # once aiohttp has handed the answer to the socket (the rest of this step): the client
         # need not wait for its usage record, metrics and log line; it stays in flight (for
         # a drain) until they are done
-        asyncio.get_running_loop().call_soon(_settle, request, exchange, state)
+        state.loop.call_soon(_settle, request, exchange, state)
 
 
 async def _quiet(request: web.Request, handler: Handler) -> web.StreamResponse:

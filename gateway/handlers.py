@@ -37,7 +37,7 @@ from .errors import (
 from .exchange import EXCHANGE, Exchange
 from .limits import EndpointClass
 from .metrics import Metrics
-from .resilience import Breaker, Deadline, OutOfTime, weighted_order
+from .resilience import Breaker, Cutoff, Deadline, OutOfTime, weighted_order
 from .runtime import STATE, Runtime
 from .streaming import Answer, KeepAlive, StreamTimeouts, StreamWatch, pipe, prepare_sse
 from .translate.base import (
@@ -164,7 +164,8 @@ async def forward_stream(
     cause here. A cancellation from elsewhere (aiohttp's, when the client leaves) goes on.
     """
     s = rt.config.server
-    task = asyncio.current_task()
+    loop = request.app[STATE].loop
+    task = asyncio.current_task(loop)
     assert task is not None
     waiting, interrupted = True, False
 
@@ -175,10 +176,12 @@ async def forward_stream(
             interrupted = True
             task.cancel()
 
-    halted: asyncio.Future[GatewayError] = asyncio.get_running_loop().create_future()
+    halted: asyncio.Future[GatewayError] = loop.create_future()
     halted.add_done_callback(interrupt)
     exchange.halted = halted
-    keepalive = KeepAlive(request, s.keepalive_interval, interrupt) if endpoint == "chat" else None
+    keepalive = (
+        KeepAlive(request, loop, s.keepalive_interval, interrupt) if endpoint == "chat" else None
+    )
     answer: Answer | None = None
     error: GatewayError | None = None
     try:
@@ -224,7 +227,7 @@ async def forward_stream(
             total=s.stream_timeout,
             keepalive=s.keepalive_interval if sse else math.inf,  # (no comments in audio)
         )
-        watch = StreamWatch(response, timeouts, p.name, answer.upstream)
+        watch = StreamWatch(loop, response, timeouts, p.name, answer.upstream)
         cutoff = budget_cutoff(rt, exchange, answer.deployment, answer.translator)
         halted.add_done_callback(lambda _: answer.upstream.abort())
         return await pipe(request, response, answer, exchange, watch, sse, cutoff)
@@ -292,7 +295,8 @@ async def open_upstream(
     if weights:
         deployments = tuple(weighted_order(deployments, weights))
     seconds = deployments[0].provider.request_timeout or rt.config.server.request_timeout
-    deadline = Deadline(asyncio.get_running_loop().time() + seconds, seconds)
+    loop = state.loop
+    deadline = Deadline(loop, loop.time() + seconds, seconds)
     exchange.deadline = deadline
     failure: GatewayError | None = None
     for position, deployment in enumerate(deployments):
@@ -382,7 +386,9 @@ async def send(
     """
     s = rt.config.server
     p = deployment.provider
-    loop = asyncio.get_running_loop()
+    loop = deadline.loop
+    task = asyncio.current_task(loop)
+    assert task is not None
     first_token = p.first_token_timeout or s.first_token_timeout or p.request_timeout
     first_token = first_token or s.request_timeout
     upstream_client = rt.upstreams[p.name]
@@ -397,7 +403,7 @@ async def send(
             exchange.attempts += 1
             cutoff = min(deadline.at, started + first_token) if call.stream else deadline.at
             try:
-                async with asyncio.timeout_at(cutoff):
+                async with Cutoff(loop, task, cutoff):
                     answer = await attempt_once(upstream_client, call, translator, deployment)
             except TimeoutError:
                 error: GatewayError = deadline.passed()

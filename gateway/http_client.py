@@ -179,7 +179,7 @@ class Pool:
         ):
             proto.close()
             return
-        loop = asyncio.get_running_loop()
+        loop = proto._loop  # (not asyncio.get_running_loop(): a getpid() system call each)
         self._idle.append((proto, loop.time()))
         if self._sweeper is None:
             self._sweeper = loop.call_later(KEEPALIVE_SECONDS, self._sweep)

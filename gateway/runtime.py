@@ -82,6 +82,10 @@ class Runtime:
 
 
 class GatewayState:
+    # the serving loop, set by start(): the request path takes it from here, not from
+    # asyncio.get_running_loop(), which makes a getpid() system call on every call (3.11)
+    loop: asyncio.AbstractEventLoop
+
     def __init__(self, config: Config) -> None:
         self.records = KeyRecords()
         self.runtime = Runtime(config, self.records)
@@ -109,6 +113,7 @@ class GatewayState:
         return self.runtime.config
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         await self.runtime.start()
         await self.usage.start()
         if self.cluster is not None:

@@ -74,12 +74,13 @@ class StreamWatch:
 
     def __init__(
         self,
+        loop: asyncio.AbstractEventLoop,
         response: web.StreamResponse | None,
         timeouts: StreamTimeouts,
         provider: str,
         upstream: UpstreamResponse,
     ) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop
         now = self._loop.time()
         self._started = self._last_client = self._last_upstream = now
         self._response = response
@@ -142,12 +143,16 @@ class KeepAlive:
     )
 
     def __init__(
-        self, request: web.Request, interval: float, interrupt: Callable[[], None]
+        self,
+        request: web.Request,
+        loop: asyncio.AbstractEventLoop,
+        interval: float,
+        interrupt: Callable[[], None],
     ) -> None:
         self._request = request
         self._interval = interval
         self._interrupt = interrupt
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop
         self._timer = self._loop.call_later(interval, self._due)
         self._writing: asyncio.Task[None] | None = None
         self._stopped = False

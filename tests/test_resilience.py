@@ -502,7 +502,7 @@ async def test_keep_alive_stopped_as_a_comment_falls_due_writes_no_more(
     from gateway.streaming import KeepAlive, prepare_sse
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        keepalive = KeepAlive(request, 0.05, lambda: None)
+        keepalive = KeepAlive(request, asyncio.get_running_loop(), 0.05, lambda: None)
         keepalive._due()  # a write falls due ...
         response = await keepalive.stop()  # ... as the answer arrives
         await asyncio.sleep(0.3)
@@ -921,3 +921,50 @@ async def test_a_providers_request_timeout_sets_the_deadline(
     assert (caught.value.type, caught.value.code) == ("server_error", "upstream_timeout")
     assert "0.5 s" in caught.value.message  # the provider's timeout, not the server's 30 s
     assert len(gateway.fake.requests) == 1
+
+
+async def cutoff_outcome(
+    timeout: Callable[[float], Any], work: float, cancel_from_outside_at: float | None = None
+) -> str:
+    """What leaves a block under `timeout(when)` (when = 0.05 s from now) whose body sleeps
+    `work` seconds, the task perhaps cancelled from elsewhere too."""
+    loop = asyncio.get_running_loop()
+
+    async def body() -> str:
+        try:
+            async with timeout(loop.time() + 0.05):
+                await asyncio.sleep(work)
+        except TimeoutError:
+            return "timeout"
+        return "done"
+
+    task = asyncio.ensure_future(body())
+    if cancel_from_outside_at is not None:
+        loop.call_at(loop.time() + cancel_from_outside_at, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("work", "outside", "expected"),
+    [
+        (0.0, None, "done"),  # in time
+        (1.0, None, "timeout"),  # past the cutoff
+        (1.0, 0.01, "cancelled"),  # cancelled from elsewhere before the cutoff
+        (1.0, 0.05, "cancelled"),  # ... and in the same loop turn as it
+    ],
+)
+async def test_cutoff_ends_a_block_as_asyncio_timeout_at_does(
+    work: float, outside: float | None, expected: str
+) -> None:
+    from gateway.resilience import Cutoff
+
+    def cutoff(when: float) -> Cutoff:
+        task = asyncio.current_task()
+        assert task is not None
+        return Cutoff(asyncio.get_running_loop(), task, when)
+
+    assert await cutoff_outcome(asyncio.timeout_at, work, outside) == expected
+    assert await cutoff_outcome(cutoff, work, outside) == expected
