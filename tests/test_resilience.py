@@ -374,7 +374,7 @@ async def test_no_first_token_after_keep_alives_is_one_error_event(
     status, raw = await post_raw(
         gateway, {"model": "openai/gpt-4o", "messages": MESSAGES, "stream": True}
     )
-    assert status == 200  # keep-alives had committed the headers
+    assert status == 200, raw  # keep-alives had committed the headers
     events = events_of(raw)
     assert events[0] == b": keep-alive"
     assert [e for e in events if e != b": keep-alive"] == [events[-1]]
