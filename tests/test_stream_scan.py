@@ -197,6 +197,18 @@ def test_an_error_event_among_plain_ones_is_parsed_and_keeps_what_came_before() 
     assert (caught.value.error.status, caught.value.error.message) == (502, "overloaded")
 
 
+def test_an_error_event_that_names_the_model_is_parsed_too() -> None:
+    # OpenRouter ends a stream whose provider failed with a chunk that has the model and an
+    # error: it must end the stream as an error, not pass as one more chunk
+    error = chunk_with("", error={"code": "server_error", "message": "Provider disconnected"})
+    raw = b"".join(chunk_with(f"word {i}") for i in range(6)) + error + b"data: [DONE]\n\n"
+    t = translator("openai/gpt-4o", False)
+    with pytest.raises(StreamInterrupted) as caught:
+        t.response_chunk(raw)
+    assert len(events(caught.value.partial)) == 6
+    assert caught.value.error.message == "Provider disconnected"
+
+
 def test_content_chars_refuses_what_it_cannot_read() -> None:
     assert content_chars(b'{"delta":{"content":"h\\u00e9\\n\\"x\\""}}') == 6
     assert content_chars('{"delta":{"content":"日本語"}}'.encode()) == 3

@@ -112,9 +112,10 @@ class OpenAIChat(_PassThrough):
         # their content is not counted when the upstream's own count comes in the same read
         # (a usage object anywhere else makes the scan turn the read away)
         end = len(chunk) - len(DONE) if chunk.endswith(DONE) else len(chunk)
-        last = chunk.rfind(b"\n\ndata: {", first, end) + 2
-        if chunk.find(b'"usage":{', max(first, last), end) >= 0:
-            end = max(first, last)
+        last = chunk.rfind(b"\n\ndata: {", first, end)
+        last = first if last < 0 else last + 2  # where the read's last event starts
+        if chunk.find(b'"usage":{', last, end) >= 0:
+            end = last
         counted = chunk.find(b'"completion_tokens":', end) < 0
         scanned = self._scanned(chunk[first:end], counted)
         if scanned is None:
@@ -183,9 +184,8 @@ class OpenAIChat(_PassThrough):
         model name, the `"usage":null` that only the gateway asked for) with a few scans of
         its bytes instead of a parse and re-encode of each event (for a stream's twenty-odd
         events those cost over half of what a bare proxy spends forwarding the whole stream);
-        None when anything in it needs the parse: an error (an error event holds no model
-        name, so the count of them is short), a usage object, a model name spelled
-        differently, any other shape. The JSON is not checked: a client gets the
+        None when anything in it needs the parse: an error, a usage object, a model name
+        spelled differently, any other shape. The JSON is not checked: a client gets the
         upstream's own bytes, as from any proxy. The characters of its content are counted
         unless not `counted` (the upstream's count of the stream follows in the same read).
 
@@ -205,6 +205,7 @@ class OpenAIChat(_PassThrough):
             not events.startswith(b"data: {")
             or not events.endswith(b"}\n\n")
             or events.count(b"\n") != 2 * n
+            or events.find(b'"error"') >= 0  # (OpenRouter's error events name the model)
         ):
             return None
         usages = events.count(b'"usage"')
