@@ -90,6 +90,9 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         except GatewayError as e:
             exchange.fail(e)
             response = error_response(e)
+            # its traceback's frames hold the error (and the request, its body): a cycle
+            # that would wait for the collector, which runs seldom (serve.collect_less)
+            e.__traceback__ = None
         except web.HTTPException as e:
             if e.status < 400:
                 raise

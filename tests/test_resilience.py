@@ -7,6 +7,7 @@ usage store recorded.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 import time
@@ -968,3 +969,36 @@ async def test_cutoff_ends_a_block_as_asyncio_timeout_at_does(
 
     assert await cutoff_outcome(asyncio.timeout_at, work, outside) == expected
     assert await cutoff_outcome(cutoff, work, outside) == expected
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_failed_request_leaves_no_garbage_cycle(
+    make_gateway: MakeGateway, stream: bool
+) -> None:
+    """The collector runs seldom (serve.collect_less): a failed request must be freed by
+    reference counting, not wait in a cycle of its error's traceback holding its body."""
+    gateway = await make_gateway(server="retries = 0")
+    error = {"error": {"message": "boom", "type": "server_error", "param": None, "code": None}}
+    client = gateway.aclient(max_retries=0)
+
+    async def fail(times: int) -> None:
+        for _ in range(times):
+            gateway.fake.next_json(500, error)
+            with pytest.raises(openai.APIStatusError):
+                answer = await client.chat.completions.create(
+                    model="openai/gpt-4o", messages=MESSAGES, stream=stream
+                )
+                async for _ in answer:  # type: ignore[union-attr]
+                    pass
+
+    await fail(2)  # (first-use caches)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        await fail(10)
+        gc.collect()
+        frames = [o for o in gc.garbage if type(o).__name__ == "frame"]
+        assert frames == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
