@@ -42,9 +42,10 @@ class _Connection(ResponseHandler):
     has nothing to resume (its parser was never paused either); one that ever paused keeps
     aiohttp's behaviour for good, since its parser can stay paused past the resume.
 
-    The read timeout: aiohttp cancels its timer and starts a new one on every read (on
-    uvloop a libuv timer handle opened and closed per SSE event). Here a read only moves the
-    deadline on; the one timer, when it fires early, waits again for what is left.
+    The read timeout (set for non-stream answers; a stream's reads are timed by its watch):
+    aiohttp cancels its timer and starts a new one on every read (on uvloop a libuv timer
+    handle opened and closed per chunk of a body that trickles in). Here a read only moves
+    the deadline on; the one timer, when it fires early, waits again for what is left.
     """
 
     _ever_paused = False

@@ -211,7 +211,7 @@ async def pipe(
     response: web.StreamResponse | None,
     answer: Answer,
     exchange: Exchange,
-    watch: StreamWatch | None,
+    watch: StreamWatch,
     sse: bool,
     cutoff: Callable[[], GatewayError | None] | None = None,
 ) -> web.StreamResponse:
@@ -237,13 +237,11 @@ async def pipe(
         await response.write(answer.head)
         if answer.rest is not None:
             async for chunk in answer.rest:
-                if watch is not None:
-                    watch.upstream_chunk()
+                watch.upstream_chunk()
                 out = translator.response_chunk(chunk)
                 if out:
                     await response.write(out)
-                    if watch is not None:
-                        watch.client_write()
+                    watch.client_write()
                     if cutoff is not None:
                         stop = cutoff()
                         if stop is not None:
@@ -254,7 +252,7 @@ async def pipe(
                 await response.write(out)
     except (GatewayError, StreamInterrupted) as e:
         partial, error = (e.partial, e.error) if isinstance(e, StreamInterrupted) else (b"", e)
-        if watch is not None and watch.error is not None:
+        if watch.error is not None:
             partial, error = b"", watch.error  # the watch cut the upstream: say why
         elif exchange.halted is not None and exchange.halted.done():
             partial, error = b"", exchange.halted.result()  # the server is stopping
@@ -269,8 +267,7 @@ async def pipe(
         exchange.client_closed = True
         return response
     finally:
-        if watch is not None:
-            watch.stop()
+        watch.stop()
     exchange.end_upstream()
     await response.write_eof()
     return response

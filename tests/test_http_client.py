@@ -292,7 +292,7 @@ async def test_the_read_timeout_bounds_each_wait_not_the_whole_body(
 
 
 async def test_a_shorter_read_timeout_than_the_armed_one_runs_out_first() -> None:
-    # a pooled connection can keep a stream's long read timer into a non-stream call
+    # a pooled connection can keep one call's long read timer into a call with a short one
     loop = asyncio.get_running_loop()
     conn = _Connection(loop)
     conn.read_timeout = 5.0

@@ -206,7 +206,13 @@ def test_an_error_event_that_names_the_model_is_parsed_too() -> None:
     with pytest.raises(StreamInterrupted) as caught:
         t.response_chunk(raw)
     assert len(events(caught.value.partial)) == 6
-    assert caught.value.error.message == "Provider disconnected"
+    e = caught.value.error
+    assert (e.status, e.type, e.code, e.message) == (
+        502,
+        "server_error",
+        "server_error",
+        "Provider disconnected",
+    )
 
 
 def test_content_chars_refuses_what_it_cannot_read() -> None:
