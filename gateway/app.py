@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from random import getrandbits
 
 from aiohttp import web
+from multidict import istr
 
 from . import admin, dashboard, handlers, ops
 from .accesslog import ACCESS_LOG, AccessLog, access_log_ctx
@@ -25,6 +26,13 @@ API_PREFIXES = ("/v1", "/api/v1")
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# response header names as istr: the response's CIMultiDict takes them without a copy
+REQUEST_ID = istr("X-Request-Id")
+SERVER_TIMING = istr("Server-Timing")
+GATEWAY_WARNING = istr("X-Gateway-Warning")
+GATEWAY_PROVIDER = istr("X-Gateway-Provider")
+GATEWAY_MODEL = istr("X-Gateway-Model")
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
@@ -327,28 +335,26 @@ async def _add_headers(request: web.Request, response: web.StreamResponse) -> No
     if exchange is None:
         return
     headers = response.headers
-    headers["X-Request-Id"] = exchange.request_id
+    headers[REQUEST_ID] = exchange.request_id
     ticket = exchange.ticket
     if ticket is not None:
         headers.update(ticket.headers)
         if ticket.warning:
-            headers["X-Gateway-Warning"] = ticket.warning
+            headers[GATEWAY_WARNING] = ticket.warning
     elif exchange.limits is not None:
         headers.update(handlers.unadmitted_headers(request, exchange))
     # who answered; unknown (and not said) when keep-alives started a stream before that
     if exchange.served is not None:
-        headers["X-Gateway-Provider"] = exchange.served.provider.name
-        headers["X-Gateway-Model"] = exchange.served.id
+        headers[GATEWAY_PROVIDER] = exchange.served.provider.name
+        headers[GATEWAY_MODEL] = exchange.served.id
     # the gateway's own time and the upstream's, so that operators can see the overhead
     now = time.perf_counter()
     if exchange.upstream_started:
         upstream = (exchange.upstream_ended or now) - exchange.upstream_started
         own = now - exchange.started - upstream
-        headers["Server-Timing"] = (
-            f"gateway;dur={own * 1000:.2f}, upstream;dur={upstream * 1000:.2f}"
-        )
+        headers[SERVER_TIMING] = f"gateway;dur={own * 1000:.2f}, upstream;dur={upstream * 1000:.2f}"
     else:
-        headers["Server-Timing"] = f"gateway;dur={(now - exchange.started) * 1000:.2f}"
+        headers[SERVER_TIMING] = f"gateway;dur={(now - exchange.started) * 1000:.2f}"
 
 
 def _new_request_id() -> str:

@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Final, Literal, NoReturn, Protocol, TypeVar
 
+from multidict import istr
+
 from .config import BudgetPeriod, LimitsConfig, LimitSet, TierConfig
 from .errors import QuotaExceeded, RateLimited
 
@@ -243,6 +245,19 @@ def _whole_seconds(seconds: float) -> int:
 _Snapshot = tuple[int, int, float, int, int, float]
 
 
+# Header names as multidict's istr, which the response's CIMultiDict takes as they are (a
+# plain str it copies into a new istr, for every header of every response).
+_LIMIT_REQUESTS = istr("X-RateLimit-Limit-Requests")
+_REMAINING_REQUESTS = istr("X-RateLimit-Remaining-Requests")
+_RESET_REQUESTS = istr("X-RateLimit-Reset-Requests")
+_LIMIT = istr("X-RateLimit-Limit")
+_REMAINING = istr("X-RateLimit-Remaining")
+_RESET = istr("X-RateLimit-Reset")
+_LIMIT_TOKENS = istr("X-RateLimit-Limit-Tokens")
+_REMAINING_TOKENS = istr("X-RateLimit-Remaining-Tokens")
+_RESET_TOKENS = istr("X-RateLimit-Reset-Tokens")
+
+
 def _rate_headers(
     req_limit: int,
     req_remaining: int,
@@ -256,19 +271,19 @@ def _rate_headers(
         limit = str(req_limit)
         remaining = str(req_remaining) if req_remaining > 0 else "0"
         headers = {
-            "X-RateLimit-Limit-Requests": limit,
-            "X-RateLimit-Remaining-Requests": remaining,
-            "X-RateLimit-Reset-Requests": go_duration(req_reset),
-            "X-RateLimit-Limit": limit,
-            "X-RateLimit-Remaining": remaining,
-            "X-RateLimit-Reset": str(_whole_seconds(req_reset)),
+            _LIMIT_REQUESTS: limit,
+            _REMAINING_REQUESTS: remaining,
+            _RESET_REQUESTS: go_duration(req_reset),
+            _LIMIT: limit,
+            _REMAINING: remaining,
+            _RESET: str(_whole_seconds(req_reset)),
         }
     else:
         headers = {}
     if tok_limit:
-        headers["X-RateLimit-Limit-Tokens"] = str(tok_limit)
-        headers["X-RateLimit-Remaining-Tokens"] = str(tok_remaining) if tok_remaining > 0 else "0"
-        headers["X-RateLimit-Reset-Tokens"] = go_duration(tok_reset)
+        headers[_LIMIT_TOKENS] = str(tok_limit)
+        headers[_REMAINING_TOKENS] = str(tok_remaining) if tok_remaining > 0 else "0"
+        headers[_RESET_TOKENS] = go_duration(tok_reset)
     return headers
 
 
