@@ -6,7 +6,8 @@ Routes (any prefix before them is ignored, so one server serves every provider o
 - ``.../chat/completions``: OpenAI ``chat.completion``, or ``chat.completion.chunk`` server-sent
   events when the body asks for ``"stream": true`` (a usage chunk if ``include_usage`` is set);
 - ``.../messages``: Anthropic Messages API, non-stream;
-- a path starting ``/slow/<ms>/`` waits that many milliseconds before each stream chunk.
+- a path starting ``/slow/<ms>/`` waits that many milliseconds before each of the 20 chunks of
+  a stream; the usage chunk and ``[DONE]`` follow the last at once, as OpenAI sends them.
 
 Run it alone with ``python -m bench.fake_upstream --port 9000``.
 """
@@ -201,10 +202,10 @@ class FakeUpstream(asyncio.Protocol):
     async def slow_stream(self, events: list[bytes], delay_ms: int) -> None:
         assert self.transport is not None
         self.transport.write(STREAM_HEAD)
-        for event in events[:-1]:
+        for event in events[:STREAM_CHUNKS]:
             await asyncio.sleep(delay_ms / 1000)
             self.transport.write(event)
-        self.transport.write(events[-1])
+        self.transport.write(b"".join(events[STREAM_CHUNKS:]))  # usage, [DONE], the end
         self.busy = None
         self.process()
 

@@ -60,6 +60,11 @@ models = [
 """
 
 
+# The fake's pause before each chunk of a paced stream (``stream-paced``): 20 chunks in ~0.4 s,
+# a token every 20 ms, as a fast model streams.
+PACED_CHUNK_MS = 20
+
+
 def build(upstream_port: int, slow_delay_ms: int, workdir: Path) -> GatewaySetup:
     """Probe the optional parts one by one and return the fullest config the gateway accepts."""
     up = f"http://127.0.0.1:{upstream_port}"
@@ -67,6 +72,7 @@ def build(upstream_port: int, slow_delay_ms: int, workdir: Path) -> GatewaySetup
     tables = [
         provider("openai", "openai", f"{up}/v1", "gpt-bench"),
         provider("slow", "openai", f"{up}/slow/{slow_delay_ms}/v1", "gpt-bench"),
+        provider("paced", "openai", f"{up}/slow/{PACED_CHUNK_MS}/v1", "gpt-bench"),
         f'\n[[keys]]\nid = "bench"\nhash = "{hash_key(CLIENT_KEY)}"\n',
     ]
     setup = GatewaySetup("", {"auth": "on (1 key, sha256)"})

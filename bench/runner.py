@@ -25,6 +25,7 @@ SCENARIOS = (
     "nonstream-32",
     "nonstream-256",
     "stream",
+    "stream-paced",
     "translated",
     "large-prompt",
     "slow-streams",
@@ -176,6 +177,11 @@ class Bench:
             return payloads.chat_load(port, "slow/gpt-bench", path=path, stream=True)
         if kind == "slow":
             return payloads.chat_load(port, "slow/gpt-bench", stream=True)
+        if kind == "paced" and target != "gateway":
+            path = f"/slow/{gateway_config.PACED_CHUNK_MS}/v1/chat/completions"
+            return payloads.chat_load(port, "paced/gpt-bench", path=path, stream=True)
+        if kind == "paced":
+            return payloads.chat_load(port, "paced/gpt-bench", stream=True)
         if kind == "anthropic":
             return payloads.chat_load(port, "anthropic/claude-bench")
         if kind == "large":
@@ -212,7 +218,9 @@ class Bench:
             conns = int(scenario.split("-")[1])
             return every, lambda t: self.closed_loop(t, scenario, self.load(t, "nonstream"), conns)
         if scenario == "stream":
-            return every, self.stream
+            return every, lambda t: self.stream(t, scenario, "stream")
+        if scenario == "stream-paced":
+            return every, lambda t: self.stream(t, scenario, "paced")
         if scenario == "translated":
             return proxies, self.translated
         if scenario == "large-prompt":
@@ -279,26 +287,28 @@ class Bench:
             row.note += f"; other processes took {delta.others_percent:.0f}% of its core"
         return row
 
-    async def stream(self, target: str) -> Row:
+    async def stream(self, target: str, scenario: str, kind: str) -> Row:
         server = self.servers[target]
-        load = self.load(target, "stream")
+        load = self.load(target, kind)
         n = self.opts.stream_concurrency
         clients = loadgen.Clients(load, n)
         try:
             if self.opts.warmup > 0:
                 await clients.run(self.opts.warmup)
-            spy = await self.start_profile(server, "stream")
+            spy = await self.start_profile(server, scenario)
             before = self.snapshot(server)
             replies, errors, seconds = await clients.run(self.opts.duration)
             delta = self.snapshot(server) - before
-            await self.finish_profile(spy, server, "stream")
+            await self.finish_profile(spy, server, scenario)
         finally:
             clients.close()
         result = streams.stream_result(replies, errors, seconds)
-        row = Row(target, "stream", result.rps, result.ttft_ms(50), result.ttft_ms(99))
+        row = Row(target, scenario, result.rps, result.ttft_ms(50), result.ttft_ms(99))
         row.errors = result.errors
         row.extra = {"total_p50_ms": result.total_ms(50), "total_p99_ms": result.total_ms(99)}
         row.note = f"{n} concurrent streams; p50/p99 = TTFT; total p50 {result.total_ms(50):.2f} ms"
+        if kind == "paced":
+            row.note += f"; the fake pauses {gateway_config.PACED_CHUNK_MS} ms before each chunk"
         return self.measured(row, server, delta, result.ok)
 
     async def translated_skipped(self) -> str:

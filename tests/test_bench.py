@@ -18,7 +18,7 @@ from bench.httpclient import Connection
 from bench.loadgen import Builtin, parse_wrk
 from bench.payloads import chat_load, large_body
 from bench.procs import compile_bytecode
-from bench.report import Row
+from bench.report import Results, Row
 from bench.runner import pick
 
 ROOT = Path(__file__).parent.parent
@@ -92,6 +92,40 @@ async def test_fake_upstream_speaks_openai_and_anthropic(upstream_port: int) -> 
         assert message["type"] == "message" and message["stop_reason"] == "end_turn"
         assert message["content"][0]["type"] == "text"
         assert set(message["usage"]) == {"input_tokens", "output_tokens"}
+
+
+async def test_a_paced_stream_sends_usage_and_done_with_its_last_chunk(upstream_port: int) -> None:
+    # as OpenAI does: a proxy that asks for usage gets no longer a stream than one that does not
+    body = b'{"model": "m", "stream": true, "stream_options": {"include_usage": true}}'
+    reads: list[tuple[float, bytes]] = []
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"http://127.0.0.1:{upstream_port}/slow/30/v1/chat/completions", data=body
+        ) as resp:
+            async for data in resp.content.iter_any():
+                reads.append((loop.time(), data))
+    events = b"".join(d for _, d in reads).split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""] and len(events) == 20 + 3
+    last_content = next(i for i, (_, d) in enumerate(reads) if b'"finish_reason":"stop"' in d)
+    usage_read = next(i for i, (_, d) in enumerate(reads) if b'"usage"' in d)
+    assert reads[usage_read][0] - reads[last_content][0] < 0.015  # not after another pause
+    assert reads[-1][0] - reads[0][0] >= 0.030 * 19  # the 20 chunks themselves are paced
+
+
+def test_stream_ttft_target_is_read_where_no_proxy_is_saturated() -> None:
+    results = Results()
+    for scenario, added in (("stream-paced", (0.0, 0.4, 0.9)), ("stream", (0.0, 1.0, 12.0))):
+        for target, ms in zip(("upstream", "bare", "gateway"), added, strict=True):
+            results.add(Row(target, scenario, rps=100, p50_ms=20 + ms, cpu_us=100 + ms))
+    results.compare()
+    checks = {c.target.strip(): c for c in results.checks()}
+    ttft = checks["stream added TTFT <= bare + 1 ms"]
+    assert ttft.passed is True and ttft.measured == "0.900 ms (bare 0.400)"
+    saturated = checks["back to back (saturated): added TTFT"]
+    assert saturated.info and saturated.passed is None
+    assert saturated.measured == "12.000 ms (bare 1.000)"
+    assert checks["CPU/stream <= 1.3x bare"].measured == "1.11x"  # from the saturated run
 
 
 async def test_builtin_generator_and_stream_client(upstream_port: int) -> None:
