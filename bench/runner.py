@@ -172,16 +172,13 @@ class Bench:
 
     def load(self, target: str, kind: str, model: str = OPENAI_MODEL) -> Load:
         port = self.servers[target].port
-        if kind == "slow" and target != "gateway":
-            path = f"/slow/{self.slow_delay_ms}/v1/chat/completions"
-            return payloads.chat_load(port, "slow/gpt-bench", path=path, stream=True)
-        if kind == "slow":
-            return payloads.chat_load(port, "slow/gpt-bench", stream=True)
-        if kind == "paced" and target != "gateway":
-            path = f"/slow/{gateway_config.PACED_CHUNK_MS}/v1/chat/completions"
-            return payloads.chat_load(port, "paced/gpt-bench", path=path, stream=True)
-        if kind == "paced":
-            return payloads.chat_load(port, "paced/gpt-bench", stream=True)
+        if kind in ("slow", "paced"):  # the gateway's provider of that name; the others go
+            # straight to the fake's /slow/<ms>/ path
+            if target == "gateway":
+                return payloads.chat_load(port, f"{kind}/gpt-bench", stream=True)
+            ms = self.slow_delay_ms if kind == "slow" else gateway_config.PACED_CHUNK_MS
+            path = f"/slow/{ms}/v1/chat/completions"
+            return payloads.chat_load(port, f"{kind}/gpt-bench", path=path, stream=True)
         if kind == "anthropic":
             return payloads.chat_load(port, "anthropic/claude-bench")
         if kind == "large":

@@ -152,12 +152,12 @@ async def _quiet(request: web.Request, handler: Handler) -> web.StreamResponse:
         error = _unexpected(request, request_id)
     latency = time.perf_counter() - started
     if error is None:
-        response.headers["Server-Timing"] = f"gateway;dur={latency * 1000:.2f}"
+        response.headers[SERVER_TIMING] = f"gateway;dur={latency * 1000:.2f}"
         return response
     request_id = request_id or _request_id(request)
     response = error_response(error)
-    response.headers["Server-Timing"] = f"gateway;dur={latency * 1000:.2f}"
-    response.headers["X-Request-Id"] = request_id
+    response.headers[SERVER_TIMING] = f"gateway;dur={latency * 1000:.2f}"
+    response.headers[REQUEST_ID] = request_id
     access_log = request.app[ACCESS_LOG]
     if access_log.enabled:
         access_log.write(
