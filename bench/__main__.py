@@ -28,7 +28,9 @@ def parse(argv: Sequence[str] | None) -> Options:
     p.add_argument("--quick", action="store_true", help="short smoke run (default: nonstream-32)")
     p.add_argument("--duration", type=float, help="seconds per measurement (default 4, quick 1)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up before each (default 1)")
-    p.add_argument("--streams", type=int, help="concurrent streams in 'stream' (default 200)")
+    p.add_argument(
+        "--streams", type=int, help="concurrent streams in the stream scenarios (default 200)"
+    )
     p.add_argument("--hold", type=int, help="slow streams held at once (default 5000)")
     p.add_argument("--hold-seconds", type=float, help="life of one slow stream (default 15)")
     p.add_argument("--hold-rate", type=float, help="slow streams opened per second (default 1000)")
