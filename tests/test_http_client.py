@@ -120,6 +120,58 @@ async def test_keeps_one_connection_alive_for_sequential_calls(
     assert head["Content-Length"] == str(len(b'{"n": 19}'))
 
 
+async def _two_spied_connections(pool: Pool) -> list[int]:
+    """Open two kept-alive connections; the sizes of the writes made on them from now on."""
+    answers = await asyncio.gather(*(pool.post("/echo", b"{}", 5) for _ in range(2)))
+    for proto, _, payload in answers:
+        await payload.read()
+        pool.release(proto, payload)
+    writes: list[int] = []
+    for proto, _ in pool._idle:
+        transport: Any = proto.transport
+        real = transport.write
+        transport.write = lambda data, real=real: (writes.append(len(data)), real(data))[1]
+    return writes
+
+
+async def test_requests_begun_in_one_turn_are_written_after_it_back_to_back(
+    echo: tuple[Echo, TestServer],
+) -> None:
+    """As ClientSession writes them: a provider on the same host gets the lot at once."""
+    _, server = echo
+    pool = Pool(base_url(server), {}, connect_timeout=2)
+    writes = await _two_spied_connections(pool)
+    bodies = [b'{"n": 1}', b'{"n": 22}']
+    calls = [asyncio.ensure_future(pool.post("/echo", body, 5)) for body in bodies]
+    await asyncio.sleep(0)  # both calls ran up to their wait for the answer
+    assert writes == []
+    answers = await asyncio.gather(*calls)
+    # one write each (head and body together), in the order the calls began
+    assert len(writes) == 2 and writes[1] - writes[0] == len(bodies[1]) - len(bodies[0])
+    assert [await payload.read() for _, _, payload in answers] == bodies
+    await pool.close()
+
+
+async def test_a_connection_closed_before_its_turn_writes_nothing(
+    echo: tuple[Echo, TestServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake, server = echo
+    pool = Pool(base_url(server), {}, connect_timeout=2)
+    writes = await _two_spied_connections(pool)
+    seen = len(fake.ports)
+    proto = pool._idle[-1][0]  # the one the next call takes
+    call = asyncio.ensure_future(pool.post("/echo", b"{}", 5))
+    await asyncio.sleep(0)
+    proto.close()
+    with pytest.raises(ClientConnectionError):
+        await call
+    await asyncio.sleep(0.05)
+    assert writes == []
+    assert len(fake.ports) == seen  # the provider never saw it
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+    await pool.close()
+
+
 async def test_an_answer_with_connection_close_is_not_reused(
     echo: tuple[Echo, TestServer],
 ) -> None:
