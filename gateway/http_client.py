@@ -80,21 +80,25 @@ class _Connection(ResponseHandler):
         self._on_read_timeout()
 
 
-def _send(transport: asyncio.Transport, head: bytes, body: bytes) -> None:
+def _send(proto: ResponseHandler, transport: asyncio.Transport, head: bytes, body: bytes) -> None:
     """Write a request on the loop's turn after the one that made it (a loop callback).
 
-    As ``ClientSession`` does (it writes from a task of its own): the requests begun in one
-    turn of a busy loop then leave back to back, and a provider on the same host (vLLM,
-    llama.cpp, Ollama) wakes once for the lot and answers them in one go. Written at once,
-    each found it asleep, and each wake-up cost the gateway a few microseconds of kernel
-    time in its write (bench/README.md: about 10 µs a request at 32 connections).
+    Requests begun in one turn of a busy loop then leave back to back, and a provider on the
+    same host (vLLM, llama.cpp, Ollama) wakes once for the lot and answers them in one go.
+    Written at once, each found it asleep, and each wake-up cost the gateway a few
+    microseconds of kernel time in its write (bench/README.md, "Wake-ups": ~10 µs a request
+    at 32 connections). aiohttp's ClientSession, on Python 3.11, also writes a turn later.
     """
     if transport.is_closing():
-        return  # closed meanwhile (cancelled, or the provider left): its read fails alone
-    if len(body) < 16384:
-        transport.write(head + body)
-    else:  # no copy of a large body
-        transport.writelines((head, body))
+        return  # closed later in the turn that made it: its read fails on its own
+    try:
+        if len(body) < 16384:
+            transport.write(head + body)
+        else:  # no copy of a large body
+            transport.writelines((head, body))
+    except Exception as e:  # no caller to raise to: fail its read, as a lost connection would
+        proto.set_exception(ClientConnectionError(f"the request could not be sent: {e}"), e)
+        transport.abort()
 
 
 class ConnectFailed(Exception):
@@ -174,7 +178,7 @@ class Pool:
             if transport is None:  # lost between the check and now
                 raise ClientConnectionError("connection lost before the request was sent")
             head += b"%d\r\n\r\n" % len(body)
-            proto._loop.call_soon(_send, transport, head, body)
+            proto._loop.call_soon(_send, proto, transport, head, body)
             proto.start_timeout()
             message, payload = await proto.read()
         except BaseException:

@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -120,17 +121,25 @@ async def test_keeps_one_connection_alive_for_sequential_calls(
     assert head["Content-Length"] == str(len(b'{"n": 19}'))
 
 
-async def _two_spied_connections(pool: Pool) -> list[int]:
-    """Open two kept-alive connections; the sizes of the writes made on them from now on."""
+async def _two_spied_connections(pool: Pool, fail: bool = False) -> list[int]:
+    """Open two kept-alive connections; the sizes of the writes made on them from now on
+    (asyncio's transports, which the tests run on, let `write` be replaced; uvloop's not).
+    With `fail`, each such write raises instead."""
     answers = await asyncio.gather(*(pool.post("/echo", b"{}", 5) for _ in range(2)))
     for proto, _, payload in answers:
         await payload.read()
         pool.release(proto, payload)
     writes: list[int] = []
+
+    def spy(data: bytes, real: Any) -> None:
+        writes.append(len(data))
+        if fail:
+            raise RuntimeError("the transport refused the write")
+        real(data)
+
     for proto, _ in pool._idle:
         transport: Any = proto.transport
-        real = transport.write
-        transport.write = lambda data, real=real: (writes.append(len(data)), real(data))[1]
+        transport.write = partial(spy, real=transport.write)
     return writes
 
 
@@ -169,6 +178,25 @@ async def test_a_connection_closed_before_its_turn_writes_nothing(
     assert writes == []
     assert len(fake.ports) == seen  # the provider never saw it
     assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+    await pool.close()
+
+
+async def test_a_write_that_fails_on_its_turn_fails_the_call_at_once(
+    echo: tuple[Echo, TestServer],
+) -> None:
+    """With no caller to raise to, the callback fails the call's read: an error now, not
+    a wait for the read timeout, and the connection is not kept."""
+    _, server = echo
+    pool = Pool(base_url(server), {}, connect_timeout=2)
+    writes = await _two_spied_connections(pool, fail=True)
+    proto = pool._idle[-1][0]
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(ClientConnectionError, match="could not be sent"):
+        await pool.post("/echo", b"{}", 30)
+    assert asyncio.get_running_loop().time() - started < 5  # not the 30 s read timeout
+    assert len(writes) == 1
+    assert proto.transport is None or proto.transport.is_closing()
+    assert all(idle is not proto for idle, _ in pool._idle)
     await pool.close()
 
 
