@@ -69,9 +69,10 @@ class Results:
             single = self.find("gateway", "workers")
             if row.target == "workers" and single is not None:
                 # against the single-process gateway, in the same run
-                row.extra["rps_x_single"] = _div(row.rps, single.rps)
-                if row.rps and single.rps:
-                    row.note += f"; {row.rps / single.rps:.2f}x the single process's req/s"
+                ratio = _div(row.rps, single.rps)
+                if ratio is not None:
+                    row.extra["rps_x_single"] = ratio
+                    row.note += f"; {ratio:.2f}x the single process's req/s"
 
     def checks(self) -> list[Check]:
         gw, bare = "gateway", "bare"
