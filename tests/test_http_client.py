@@ -146,7 +146,7 @@ async def _two_spied_connections(pool: Pool, fail: bool = False) -> list[int]:
 async def test_requests_begun_in_one_turn_are_written_after_it_back_to_back(
     echo: tuple[Echo, TestServer],
 ) -> None:
-    """As ClientSession writes them: a provider on the same host gets the lot at once."""
+    """As ClientSession writes them on Python 3.11: a local provider gets the lot at once."""
     _, server = echo
     pool = Pool(base_url(server), {}, connect_timeout=2)
     writes = await _two_spied_connections(pool)
