@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 from gateway.errors import from_upstream, retry_after_seconds
 
@@ -356,6 +357,31 @@ async def test_unreachable_upstream_is_503(make_gateway: MakeGateway) -> None:
     assert caught.value.status_code == 503
     assert caught.value.code == "upstream_unreachable"
     assert caught.value.type == "server_error"
+
+
+async def test_upstream_closing_without_an_answer_is_502_after_retries(
+    make_gateway: MakeGateway,
+) -> None:
+    """The provider takes the request and hangs up: each attempt fails as a lost connection
+    (not a wait for the read timeout), and the client gets OpenAI's envelope."""
+    gateway = await make_gateway(server="retries = 1\nretry_backoff = 0\nrequest_timeout = 30")
+
+    async def hang_up(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response()
+
+    for _ in range(2):
+        gateway.fake.next_behaviour(hang_up)
+    started = time.monotonic()
+    status, body, _ = await post(
+        gateway, "/v1/chat/completions", {"model": "openai/gpt-4o", "messages": MESSAGES}
+    )
+    assert status == 502
+    error = assert_envelope(body, "server_error", "upstream_connection_lost")
+    assert error["param"] is None
+    assert len(gateway.fake.requests) == 2  # the first attempt and its one retry
+    assert time.monotonic() - started < 10  # not the 30 s request timeout
 
 
 async def test_upstream_timeout_is_504(make_gateway: MakeGateway) -> None:
