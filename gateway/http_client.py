@@ -80,7 +80,7 @@ class _Connection(ResponseHandler):
         self._on_read_timeout()
 
 
-def _send(proto: ResponseHandler, transport: asyncio.Transport, head: bytes, body: bytes) -> None:
+def _send(proto: ResponseHandler, head: bytes, body: bytes) -> None:
     """Write a request on the loop's turn after the one that made it (a loop callback).
 
     Requests begun in one turn of a busy loop then leave back to back, and a provider on the
@@ -89,7 +89,8 @@ def _send(proto: ResponseHandler, transport: asyncio.Transport, head: bytes, bod
     microseconds of kernel time in its write (bench/README.md, "Wake-ups": ~10 µs a request
     at 32 connections). aiohttp's ClientSession, on Python 3.11, also writes a turn later.
     """
-    if transport.is_closing():
+    transport = proto.transport
+    if transport is None or transport.is_closing():
         return  # closed later in the turn that made it: its read fails on its own
     try:
         if len(body) < 16384:
@@ -178,7 +179,7 @@ class Pool:
             if transport is None:  # lost between the check and now
                 raise ClientConnectionError("connection lost before the request was sent")
             head += b"%d\r\n\r\n" % len(body)
-            proto._loop.call_soon(_send, proto, transport, head, body)
+            proto._loop.call_soon(_send, proto, head, body)
             proto.start_timeout()
             message, payload = await proto.read()
         except BaseException:
